@@ -1,0 +1,1 @@
+"""Private machinery of the engine: worker processes, their pipes and shared memory."""

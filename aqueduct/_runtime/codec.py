@@ -1,0 +1,84 @@
+"""Task (de)serialisation: pickle protocol 5 with large buffers out of band, in shared memory.
+
+A buffer of ``SHM_THRESHOLD`` bytes or more (a numpy array's data, a large ``bytes`` field) is not
+copied into the pickle stream. If it already lies inside a segment the receiver can map (one the
+task was sent in, or one made by ``share_value``), only a reference travels: ``(name, size,
+offset, nbytes)``. Otherwise it is copied once into a new segment. The receiver maps the
+segments and unpickles with ``buffers=``, so arrays come out as views of shared memory.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import numpy as np
+
+from .shm import Segment
+
+SHM_THRESHOLD = 64 * 1024
+
+#: (segment name, segment size, offset, nbytes)
+BufferRef = tuple[str, int, int, int]
+Encoded = tuple[bytes, list[BufferRef]]
+
+
+def _address(raw: memoryview) -> int:
+    return int(np.frombuffer(raw, dtype=np.uint8).ctypes.data)
+
+
+def encode(obj: Any, segments: dict[str, Segment], prefix: str) -> Encoded:
+    """Pickle ``obj``; large or already-shared buffers become references to ``segments``.
+
+    New segments are created with names starting with ``prefix`` and added to ``segments``.
+    """
+    refs: list[BufferRef] = []
+
+    def out_of_band(pb: pickle.PickleBuffer) -> bool:
+        try:
+            raw = pb.raw()
+        except BufferError:  # not contiguous: numpy copies it in band
+            return True
+        nbytes = raw.nbytes
+        if nbytes == 0 or (nbytes < SHM_THRESHOLD and not segments):
+            return True
+        address = _address(raw)
+        for seg in segments.values():
+            offset = seg.find(address, nbytes)
+            if offset is not None:
+                refs.append((seg.name, seg.size, offset, nbytes))
+                return False
+        if nbytes < SHM_THRESHOLD:
+            return True
+        seg = Segment.create(prefix, raw)
+        segments[seg.name] = seg
+        refs.append((seg.name, seg.size, 0, nbytes))
+        return False
+
+    return pickle.dumps(obj, protocol=5, buffer_callback=out_of_band), refs
+
+
+def decode(data: bytes, refs: list[BufferRef], segments: dict[str, Segment]) -> Any:
+    """Unpickle what ``encode`` made, mapping the referenced segments (kept in ``segments``)."""
+    if not refs:
+        return pickle.loads(data)
+    buffers = []
+    for name, size, offset, nbytes in refs:
+        seg = segments.get(name)
+        if seg is None:
+            seg = Segment.open(name, size)
+            segments[name] = seg
+        buffers.append(seg.view(offset, nbytes))
+    return pickle.loads(data, buffers=buffers)
+
+
+class OutOfBandBytes:
+    """Wraps a large ``bytes`` value so that pickle sends it out of band (``bytes`` never is by itself)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[type[bytes], tuple[pickle.PickleBuffer]]:
+        return bytes, (pickle.PickleBuffer(self.data),)

@@ -1,0 +1,153 @@
+"""The worker process: ``on_start``, then take batches from the parent, handle them, reply.
+
+Messages from the parent: ``("run", [(batch_id, [encoded task, ...]), ...])``; end-of-file on the
+pipe means stop. Messages to the parent: ``("ready",)`` or ``("start_failed", type, message,
+traceback)`` once, then ``("done", batch_id, outcomes, handle_seconds)`` per batch, where each
+outcome is ``(OK, encoded task)``, ``(ERROR, (type, message, traceback))`` or ``(EXPIRED, None)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..handler import BaseTaskHandler
+from ..task import BaseTask
+from . import codec, pipes, shm
+
+OK, ERROR, EXPIRED = 0, 1, 2
+_PR_SET_PDEATHSIG = 1
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str, str]:
+    """``(type name, message, traceback text)`` of an exception, as ``TaskError`` carries them."""
+    name = type(exc).__qualname__
+    module = type(exc).__module__
+    if module not in ("builtins", "__main__"):
+        name = f"{module}.{name}"
+    return name, str(exc), "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def _die_with_parent(flow_prefix: str) -> None:
+    """Get SIGTERM when the parent dies; then sweep the flow's shared memory and exit."""
+    parent = os.getppid()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if os.getppid() != parent:
+            shm.sweep(flow_prefix + "-")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() != parent:
+        on_sigterm(signal.SIGTERM, None)
+
+
+class _Worker:
+    def __init__(
+        self, handler: BaseTaskHandler, step_name: str, bisect: bool, in_fd: int, out_fd: int, flow_prefix: str
+    ) -> None:
+        self.handler = handler
+        self.step_name = step_name
+        self.bisect = bisect
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.prefix = f"{flow_prefix}-w{os.getpid()}"
+
+    def send(self, message: Any) -> None:
+        pipes.write_blocking(self.out_fd, pipes.pack(message))
+
+    def run(self) -> None:
+        try:
+            self.handler.on_start()
+        except BaseException as exc:  # noqa: BLE001 - reported to start(), which raises FlowStartError
+            self.send(("start_failed", *describe_exception(exc)))
+            return
+        self.send(("ready",))
+        while True:
+            message = pipes.read_blocking(self.in_fd)
+            if message is None:  # the parent closed the pipe: stop
+                return
+            for batch_id, encoded in message[1]:
+                self.run_batch(batch_id, encoded)
+
+    def run_batch(self, batch_id: int, encoded: list[codec.Encoded]) -> None:
+        segments: dict[str, shm.Segment] = {}
+        outcomes: list[tuple[int, Any]] = [(EXPIRED, None)] * len(encoded)
+        live: list[tuple[int, BaseTask]] = []
+        for i, (data, refs) in enumerate(encoded):
+            try:
+                task = codec.decode(data, refs, segments)
+            except Exception as exc:  # noqa: BLE001 - one undecodable task fails alone
+                outcomes[i] = (ERROR, describe_exception(exc))
+                continue
+            if not task.is_expired():
+                live.append((i, task))
+        started = time.perf_counter()
+        if live:
+            self.handle(live, outcomes)
+        elapsed = time.perf_counter() - started
+        for i, task in live:
+            if outcomes[i][0] == OK:
+                try:
+                    outcomes[i] = (OK, codec.encode(task, segments, self.prefix))
+                except Exception as exc:  # noqa: BLE001 - e.g. the handler set an unpicklable field
+                    outcomes[i] = (ERROR, describe_exception(exc))
+        self.send(("done", batch_id, outcomes, elapsed))
+
+    def handle(self, live: list[tuple[int, BaseTask]], outcomes: list[tuple[int, Any]]) -> None:
+        try:
+            self.handler.handle(*(task for _, task in live))
+        except Exception as exc:  # noqa: BLE001 - isolated below, reported per task
+            if self.bisect and len(live) > 1:
+                middle = len(live) // 2
+                self.handle(live[:middle], outcomes)
+                self.handle(live[middle:], outcomes)
+                return
+            info = describe_exception(exc)
+            for i, _ in live:
+                outcomes[i] = (ERROR, info)
+            return
+        for i, _ in live:
+            outcomes[i] = (OK, None)
+
+
+def worker_main(
+    handler: BaseTaskHandler,
+    step_name: str,
+    bisect: bool,
+    in_conn: Connection,
+    out_conn: Connection,
+    flow_prefix: str,
+    close_fds: list[int],
+) -> None:
+    """Entry point of a worker process; ``close_fds`` are the parent's pipe ends a forked child inherited."""
+    in_fd, out_fd = in_conn.fileno(), out_conn.fileno()
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    _die_with_parent(flow_prefix)
+    os.set_blocking(in_fd, True)
+    os.set_blocking(out_fd, True)
+    try:
+        _Worker(handler, step_name, bisect, in_fd, out_fd, flow_prefix).run()
+    except (BrokenPipeError, OSError):  # the parent is gone
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()

@@ -1,0 +1,78 @@
+"""The engine's Prometheus metrics, owned by the parent process.
+
+Workers send their batch timings back with the results; the parent records everything in one
+``CollectorRegistry`` (``Flow.metrics_registry``), so no multiprocess directory is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+OUTCOMES = ("ok", "error", "expired", "rejected", "lost", "cancelled")
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class StepMetrics:
+    """Pre-bound metric children of one step (no label lookups on the hot path)."""
+
+    def __init__(self, tasks: Counter, batch_size: Histogram, handle_seconds: Histogram, restarts: Counter, step: str):
+        self.outcome = {outcome: tasks.labels(step=step, outcome=outcome) for outcome in OUTCOMES}
+        self.batch_size = batch_size.labels(step=step)
+        self.handle_seconds = handle_seconds.labels(step=step)
+        self.restarts = restarts.labels(step=step)
+
+    def batch(self, size: int, seconds: float) -> None:
+        """Record one handled batch."""
+        self.batch_size.observe(size)
+        self.handle_seconds.observe(seconds)
+
+
+class _StepGauges(Collector):
+    """Queue depth and live workers, read at scrape time."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, int, int, int]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        depth = GaugeMetricFamily("aqueduct_queue_depth", "Tasks waiting for a worker of the step", labels=["step"])
+        alive = GaugeMetricFamily("aqueduct_workers_alive", "Started, live worker processes of the step", labels=["step"])
+        expected = GaugeMetricFamily("aqueduct_workers_expected", "Worker processes the step should have", labels=["step"])
+        for step, queue_depth, n_alive, n_expected in self._read():
+            depth.add_metric([step], queue_depth)
+            alive.add_metric([step], n_alive)
+            expected.add_metric([step], n_expected)
+        return [depth, alive, expected]
+
+
+class FlowMetrics:
+    """All metrics of one flow."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        step_names: Sequence[str],
+        read_gauges: Callable[[], Iterable[tuple[str, int, int, int]]],
+    ) -> None:
+        self.registry = registry
+        tasks = Counter("aqueduct_tasks", "Tasks by step and outcome", ["step", "outcome"], registry=registry)
+        batch_size = Histogram(
+            "aqueduct_batch_size", "Tasks per handle() call", ["step"], buckets=_BATCH_BUCKETS, registry=registry
+        )
+        handle_seconds = Histogram(
+            "aqueduct_handle_seconds", "Time of one handle() call", ["step"], buckets=_TIME_BUCKETS, registry=registry
+        )
+        restarts = Counter("aqueduct_worker_restarts", "Worker processes replaced", ["step"], registry=registry)
+        self.latency = Histogram(
+            "aqueduct_task_latency_seconds",
+            "process() time of tasks that completed, end to end",
+            buckets=_TIME_BUCKETS,
+            registry=registry,
+        )
+        self.steps = [StepMetrics(tasks, batch_size, handle_seconds, restarts, name) for name in step_names]
+        self.flow_outcome = {outcome: tasks.labels(step="flow", outcome=outcome) for outcome in OUTCOMES}
+        registry.register(_StepGauges(read_gauges))

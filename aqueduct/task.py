@@ -1,0 +1,126 @@
+"""``BaseTask``: what travels through a flow."""
+
+from __future__ import annotations
+
+import os
+import uuid
+import weakref
+from time import monotonic
+from typing import Any
+
+import numpy as np
+
+from ._runtime.codec import SHM_THRESHOLD, OutOfBandBytes
+from ._runtime.shm import Segment, unlink
+
+DEFAULT_PRIORITY = 0
+
+#: Attributes that belong to the caller's task and are never overwritten by a worker's copy.
+_OWN_FIELDS = frozenset({"task_id", "priority", "expiration_time", "_shared_fields"})
+_SHARE_PREFIX_TEMPLATE = "aqd-task-{pid}"
+
+
+class BaseTask:
+    """Base class for your tasks: subclass it and add the fields your handlers read and set.
+
+    A task is pickled to the worker processes of each step it passes through; whatever fields the
+    handlers set appear on the caller's object when ``Flow.process`` returns. Numpy arrays and
+    ``bytes`` of 64 KiB or more travel through shared memory without being copied into a pipe;
+    ``share_value(field)`` puts a field in shared memory explicitly.
+
+    Example:
+        class ImageTask(BaseTask):
+            def __init__(self, image: np.ndarray, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.image = image
+                self.label = None
+    """
+
+    task_id: str = ""
+    priority: int = DEFAULT_PRIORITY
+    expiration_time: float | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._shared_fields: dict[str, tuple[Any, Segment | None]] = {}
+        self.task_id = str(uuid.uuid4())
+        self.priority = DEFAULT_PRIORITY
+
+    def __repr__(self) -> str:
+        return f"<{self.__class__.__name__} {self.__dict__}>"
+
+    def set_timeout(self, timeout_sec: float) -> None:
+        """Set the task's deadline ``timeout_sec`` seconds from now."""
+        self.expiration_time = monotonic() + timeout_sec
+
+    def set_priority(self, priority: int) -> None:
+        """Set the priority; with ``Flow(queue_priorities=N)`` higher values (up to N-1) are taken first."""
+        self.priority = priority
+
+    def is_expired(self) -> bool:
+        """Whether the deadline set by ``set_timeout`` has passed."""
+        return self.expiration_time is not None and monotonic() >= self.expiration_time
+
+    def share_value(self, field_name: str) -> None:
+        """Put the value of ``field_name`` (a numpy array, ``bytes`` or ``bytearray``) in shared memory.
+
+        A numpy array is replaced by an equal array backed by shared memory: the workers map it
+        instead of receiving a copy, and changes they make in place are seen by the caller. A
+        ``bytes`` value always travels through shared memory, whatever its size. If the field is
+        later assigned a new value, call ``share_value`` again to share that one.
+
+        Raises:
+            ValueError: the field does not exist, is shared already, or its type cannot be shared.
+        """
+        if field_name not in self.__dict__:
+            raise ValueError("Unknown field name")
+        value = self.__dict__[field_name]
+        shared = self._shared_fields.get(field_name)
+        if shared is not None and shared[0] is value:
+            raise ValueError(f"The {field_name} field value is already shared")
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                raise ValueError("numpy arrays of dtype object cannot be shared")
+            data = np.ascontiguousarray(value)
+            if data.nbytes == 0:
+                self._shared_fields[field_name] = (value, None)
+                return
+            seg = Segment.create(_SHARE_PREFIX_TEMPLATE.format(pid=os.getpid()), memoryview(data).cast("B"))
+            weakref.finalize(self, unlink, seg.name)
+            array = np.ndarray(value.shape, dtype=value.dtype, buffer=seg.mm)
+            self.__dict__[field_name] = array
+            self._shared_fields[field_name] = (array, seg)
+        elif isinstance(value, (bytes, bytearray)):
+            self._shared_fields[field_name] = (value, None)
+        else:
+            raise ValueError(f"Type {type(value)} cannot be shared")
+
+    def shared_segments(self) -> dict[str, Segment]:
+        """The shared-memory segments made by ``share_value`` that still back a field (internal)."""
+        return {
+            seg.name: seg
+            for field, (value, seg) in self._shared_fields.items()
+            if seg is not None and self.__dict__.get(field) is value
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__
+        wrapped: dict[str, Any] | None = None
+        for key, value in state.items():
+            if type(value) is bytes and (len(value) >= SHM_THRESHOLD or key in self._shared_fields):
+                if wrapped is None:
+                    wrapped = dict(state)
+                wrapped[key] = OutOfBandBytes(value)
+        if wrapped is None:
+            if not self._shared_fields:
+                return state
+            wrapped = dict(state)
+        wrapped["_shared_fields"] = {}
+        return wrapped
+
+    def update(self, source_task: BaseTask, excluded_fields: set[str] | None = None) -> None:
+        """Copy the fields of ``source_task`` (a worker's copy of this task) onto this task."""
+        own = _OWN_FIELDS if not excluded_fields else _OWN_FIELDS | excluded_fields
+        for field, value in source_task.__dict__.items():
+            if field not in own:
+                setattr(self, field, value)

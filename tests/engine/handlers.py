@@ -1,0 +1,95 @@
+"""Handlers and tasks shared by the engine tests (module level: workers unpickle tasks by reference)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from aqueduct import BaseTask, BaseTaskHandler
+
+
+class Task(BaseTask):
+    def __init__(self, value: object = None, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.value = value
+        self.result: object = None
+        self.batch: int = 0
+        self.pid: int = 0
+        self.trail: list[str] = []
+
+
+class Recorder(BaseTaskHandler):
+    """Records, on each task, the batch size it was handled in and the worker's pid; appends to a log file."""
+
+    def __init__(self, log: Path | None = None, sleep: float = 0.0, tag: str = "") -> None:
+        self.log = log
+        self.sleep = sleep
+        self.tag = tag
+
+    def handle(self, *tasks: Task) -> None:
+        if self.sleep:
+            time.sleep(self.sleep)
+        for task in tasks:
+            task.batch = len(tasks)
+            task.pid = os.getpid()
+            task.result = task.value
+            task.trail = [*task.trail, self.tag]
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write(" ".join(str(t.value) for t in tasks) + "\n")
+
+
+class Poisoned(Recorder):
+    """Raises ValueError for any batch holding a task whose value is 'poison'."""
+
+    def handle(self, *tasks: Task) -> None:
+        if any(t.value == "poison" for t in tasks):
+            raise ValueError("poisoned input")
+        super().handle(*tasks)
+
+
+class Doubler(BaseTaskHandler):
+    """Doubles array values; leaves other tasks alone."""
+
+    def handle(self, *tasks: Task) -> None:
+        for task in tasks:
+            if isinstance(task.value, np.ndarray):
+                task.result = task.value * 2
+
+
+class InPlace(BaseTaskHandler):
+    def handle(self, *tasks: Task) -> None:
+        for task in tasks:
+            task.value += 1
+
+
+class FailingStart(BaseTaskHandler):
+    def on_start(self) -> None:
+        raise RuntimeError("model file missing")
+
+    def handle(self, *tasks: BaseTask) -> None:
+        pass
+
+
+class SlowStart(BaseTaskHandler):
+    def on_start(self) -> None:
+        time.sleep(30)
+
+    def handle(self, *tasks: BaseTask) -> None:
+        pass
+
+
+class DiesOnValue(Recorder):
+    """Kills its own process on the value 'die' (a segfault, as far as the parent can tell)."""
+
+    def handle(self, *tasks: Task) -> None:
+        if any(t.value == "die" for t in tasks):
+            os._exit(139)
+        super().handle(*tasks)
+
+
+def is_even(task: Task) -> bool:
+    return isinstance(task.value, int) and task.value % 2 == 0

@@ -1,0 +1,276 @@
+"""The upstream-compatible contract: batching, steps, conditions, priorities, shared memory, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aqueduct import BaseTask, Flow, FlowStep
+from aqueduct.exceptions import FlowError, FlowStartError, FlowStartTimeout, NotRunningError
+
+from .handlers import Doubler, FailingStart, InPlace, Recorder, SlowStart, Task, is_even
+
+
+async def _run(flow: Flow, tasks: list[Task], timeout: float = 30.0) -> None:
+    await asyncio.gather(*(flow.process(t, timeout_sec=timeout) for t in tasks))
+
+
+async def test_batch_never_exceeds_batch_size_under_a_flood() -> None:
+    flow = Flow(FlowStep(Recorder(sleep=0.002), batch_size=7, nprocs=2))
+    flow.start()
+    try:
+        tasks = [Task(i) for i in range(500)]
+        await _run(flow, tasks)
+    finally:
+        await flow.stop()
+    sizes = {t.batch for t in tasks}
+    assert max(sizes) == 7  # a flood fills batches ...
+    assert all(1 <= s <= 7 for s in sizes)  # ... and never overfills them
+    assert [t.result for t in tasks] == list(range(500))
+
+
+async def test_without_batch_timeout_a_single_task_is_handled_at_once() -> None:
+    flow = Flow(FlowStep(Recorder(), batch_size=64))
+    flow.start()
+    try:
+        task = Task(1)
+        started = time.monotonic()
+        await flow.process(task, timeout_sec=30)
+        elapsed = time.monotonic() - started
+    finally:
+        await flow.stop()
+    assert task.batch == 1
+    assert elapsed < 5  # no waiting for the other 63 (a generous bound, not a benchmark)
+
+
+async def test_batch_timeout_waits_for_a_fuller_batch_but_not_longer() -> None:
+    window = 0.3
+    flow = Flow(FlowStep(Recorder(), batch_size=8, batch_timeout=window))
+    flow.start()
+    try:
+        first = Task(0)
+        started = time.monotonic()
+        pending = asyncio.ensure_future(flow.process(first, timeout_sec=30))
+        await asyncio.sleep(0.05)
+        rest = [Task(i) for i in (1, 2)]
+        await _run(flow, rest)
+        await pending
+        elapsed = time.monotonic() - started
+    finally:
+        await flow.stop()
+    assert {t.batch for t in [first, *rest]} == {3}  # the late tasks joined the first one's batch
+    assert elapsed >= window * 0.9  # it did wait for the window ...
+    assert elapsed < window + 5  # ... and then went with what it had
+
+
+async def test_full_batch_does_not_wait_for_the_window() -> None:
+    flow = Flow(FlowStep(Recorder(), batch_size=4, batch_timeout=60))
+    flow.start()
+    try:
+        tasks = [Task(i) for i in range(4)]
+        await _run(flow, tasks, timeout=30)
+    finally:
+        await flow.stop()
+    assert {t.batch for t in tasks} == {4}
+
+
+async def test_multi_step_flow_with_nprocs_and_handle_condition() -> None:
+    flow = Flow(
+        FlowStep(Recorder(tag="a"), nprocs=2, batch_size=4),
+        FlowStep(Recorder(tag="even"), handle_condition=is_even, batch_size=3, batch_timeout=0.01),
+        FlowStep(Recorder(tag="c"), nprocs=3),
+    )
+    flow.start()
+    try:
+        tasks = [Task(i) for i in range(60)]
+        await _run(flow, tasks)
+    finally:
+        await flow.stop()
+    for t in tasks:
+        assert t.trail == (["a", "even", "c"] if t.value % 2 == 0 else ["a", "c"])
+    assert max(t.batch for t in tasks) <= 4
+
+
+async def test_steps_run_in_their_own_processes() -> None:
+    flow = Flow(FlowStep(Recorder(), nprocs=2))
+    flow.start()
+    try:
+        pids = set(flow.health().steps[0].pids)
+        tasks = [Task(i) for i in range(50)]
+        await _run(flow, tasks)
+    finally:
+        await flow.stop()
+    assert len(pids) == 2
+    assert {t.pid for t in tasks} <= pids
+
+
+async def test_higher_priority_tasks_are_taken_first(tmp_path: Path) -> None:
+    log = tmp_path / "order.log"
+    flow = Flow(FlowStep(Recorder(log=log, sleep=0.2)), queue_priorities=2)
+    flow.start()
+    try:
+        blocker = asyncio.ensure_future(flow.process(Task("blocker"), timeout_sec=30))
+        await asyncio.sleep(0.05)  # the worker is busy with the blocker; the rest queue up
+        low = [Task(f"low{i}") for i in range(3)]
+        high = [Task(f"high{i}") for i in range(3)]
+        for t in high:
+            t.set_priority(1)
+        await _run(flow, [*low, *high])
+        await blocker
+    finally:
+        await flow.stop()
+    order = log.read_text().split()
+    assert order[0] == "blocker"
+    assert order[1:4] == ["high0", "high1", "high2"]
+    assert order[4:] == ["low0", "low1", "low2"]
+
+
+async def test_results_reach_the_callers_task_object() -> None:
+    flow = Flow(FlowStep(Doubler()))
+    flow.start()
+    try:
+        task = Task(np.arange(5))
+        assert await flow.process(task) is True
+    finally:
+        await flow.stop()
+    np.testing.assert_array_equal(task.result, np.arange(5) * 2)
+
+
+@pytest.mark.usefixtures("no_shm_leaks")
+@pytest.mark.parametrize("nbytes", [16, 1 << 20])
+async def test_share_value_round_trips_numpy_and_bytes_exactly(nbytes: int) -> None:
+    rng = np.random.default_rng(0)
+    array = rng.standard_normal(nbytes // 8).reshape(-1, 1)
+    data = rng.bytes(nbytes)
+    flow = Flow(FlowStep(Recorder()), FlowStep(Recorder()))
+    flow.start()
+    try:
+        a, b = Task(array.copy()), Task(data)
+        a.share_value("value")
+        b.share_value("value")
+        await flow.process(a)
+        await flow.process(b)
+    finally:
+        await flow.stop()
+    np.testing.assert_array_equal(a.result, array)
+    assert a.result.dtype == array.dtype and a.result.shape == array.shape
+    assert b.result == data and type(b.result) is bytes
+
+
+@pytest.mark.usefixtures("no_shm_leaks")
+async def test_shared_array_changed_in_place_by_the_handler_is_seen_by_the_caller() -> None:
+    flow = Flow(FlowStep(InPlace()))
+    flow.start()
+    try:
+        task = Task(np.zeros(100_000))
+        task.share_value("value")
+        await flow.process(task)
+    finally:
+        await flow.stop()
+    assert np.all(task.value == 1)
+
+
+@pytest.mark.usefixtures("no_shm_leaks")
+async def test_large_arrays_and_bytes_travel_without_share_value() -> None:
+    array = np.arange(4 << 20, dtype=np.float32)
+    flow = Flow(FlowStep(Doubler()), FlowStep(Recorder(), handle_condition=lambda t: isinstance(t.value, bytes)))
+    flow.start()
+    try:
+        task = Task(array)
+        await flow.process(task)
+        raw = Task(b"x" * (1 << 20))
+        await flow.process(raw)
+    finally:
+        await flow.stop()
+    np.testing.assert_array_equal(task.result, array * 2)
+    assert raw.result == b"x" * (1 << 20)
+
+
+def test_share_value_rejects_what_it_cannot_share() -> None:
+    task = Task([1, 2, 3])
+    with pytest.raises(ValueError):
+        task.share_value("value")
+    with pytest.raises(ValueError):
+        task.share_value("missing")
+    shared = Task(np.zeros(3))
+    shared.share_value("value")
+    with pytest.raises(ValueError):
+        shared.share_value("value")
+
+
+async def test_start_fails_clearly_when_on_start_raises() -> None:
+    flow = Flow(FlowStep(FailingStart()))
+    with pytest.raises(FlowStartError, match="RuntimeError: model file missing"):
+        flow.start()
+    with pytest.raises(NotRunningError):
+        await flow.process(BaseTask())
+
+
+async def test_start_timeout_raises_and_stops_the_workers() -> None:
+    flow = Flow(FlowStep(SlowStart()))
+    with pytest.raises(FlowStartTimeout):
+        flow.start(timeout=0.5)
+    assert flow.health().steps[0].pids == ()
+
+
+async def test_start_async_does_not_block_the_loop() -> None:
+    flow = Flow(FlowStep(Recorder()))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        await flow.start_async()
+        assert flow.health().ready
+        task = Task(3)
+        await flow.process(task)
+        assert task.result == 3
+    finally:
+        ticker.cancel()
+        await flow.stop()
+    assert ticks > 0
+
+
+async def test_not_running_before_start_and_after_stop() -> None:
+    flow = Flow(FlowStep(Recorder()))
+    with pytest.raises(NotRunningError):
+        await flow.process(Task(1))
+    await flow.stop()  # stopping a flow that never ran is harmless
+    flow.start()
+    await flow.process(Task(1))
+    await flow.stop()
+    with pytest.raises(NotRunningError):
+        await flow.process(Task(1))
+    assert issubclass(NotRunningError, FlowError)
+
+
+async def test_a_stopped_flow_starts_again_at_once() -> None:
+    flow = Flow(FlowStep(Recorder()))
+    for i in range(3):
+        flow.start()
+        task = Task(i)
+        await flow.process(task, timeout_sec=10)
+        assert task.result == i
+        await flow.stop()
+
+
+def test_bad_step_settings_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        FlowStep(Recorder(), batch_size=0)
+    with pytest.raises(ValueError):
+        FlowStep(Recorder(), nprocs=0)
+    with pytest.raises(ValueError):
+        FlowStep(Recorder(), batch_timeout=-1)
+    with pytest.raises(TypeError):
+        FlowStep(object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Flow(FlowStep(Recorder(), name="a"), FlowStep(Recorder(), name="a"))
