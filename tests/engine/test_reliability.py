@@ -1,0 +1,270 @@
+"""What upstream gets wrong and this engine must not: bad tasks, dead workers, deadlines, full queues, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+
+from aqueduct import Flow, FlowStep
+from aqueduct.exceptions import (
+    FlowError,
+    QueueFullError,
+    TaskCancelledError,
+    TaskError,
+    TaskTimeoutError,
+    WorkerDiedError,
+)
+
+from .conftest import children_alive
+from .handlers import DiesOnValue, Poisoned, Recorder, Task
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def _wait_for(condition, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_failing_task_fails_alone_and_the_flow_goes_on() -> None:
+    flow = Flow(FlowStep(Poisoned(), batch_size=8, batch_timeout=0.2))
+    flow.start()
+    try:
+        tasks = [Task(i) for i in range(7)] + [Task("poison")]
+        results = await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks), return_exceptions=True)
+        assert results[:7] == [True] * 7
+        error = results[7]
+        assert isinstance(error, TaskError) and isinstance(error, FlowError)
+        assert error.exc_type == "ValueError"
+        assert error.exc_message == "poisoned input"
+        assert "raise ValueError" in error.traceback_text
+        assert [t.result for t in tasks[:7]] == list(range(7))
+        later = Task("after")
+        assert await flow.process(later, timeout_sec=30)
+        assert later.result == "after"
+        assert flow.health().steps[0].restarts == 0
+    finally:
+        await flow.stop()
+
+
+async def test_without_bisect_the_whole_batch_fails_but_the_flow_goes_on() -> None:
+    flow = Flow(FlowStep(Poisoned(), batch_size=4, batch_timeout=0.2, bisect=False))
+    flow.start()
+    try:
+        tasks = [Task(1), Task(2), Task("poison"), Task(3)]
+        results = await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks), return_exceptions=True)
+        assert all(isinstance(r, TaskError) for r in results)
+        ok = Task(5)
+        assert await flow.process(ok, timeout_sec=30)
+    finally:
+        await flow.stop()
+
+
+async def test_a_killed_worker_fails_its_tasks_at_once_and_is_replaced() -> None:
+    flow = Flow(FlowStep(Recorder(sleep=2.0)))
+    flow.start()
+    try:
+        [victim] = flow.health().steps[0].pids
+        held = asyncio.ensure_future(flow.process(Task(1), timeout_sec=60))
+        await asyncio.sleep(0.2)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(WorkerDiedError, match="SIGKILL"):
+            await held
+        assert time.monotonic() - killed_at < 30  # not a wait for the 60 s deadline
+        assert victim not in flow.health().steps[0].pids or not flow.health().ready
+        await _wait_for(lambda: flow.health().ready)
+        step = flow.health().steps[0]
+        assert step.restarts == 1 and victim not in step.pids
+        task = Task(2)
+        assert await flow.process(task, timeout_sec=30)
+        assert task.result == 2
+    finally:
+        await flow.stop()
+
+
+async def test_a_worker_that_crashes_on_a_task_is_replaced_and_others_are_served() -> None:
+    flow = Flow(FlowStep(DiesOnValue(), nprocs=2))
+    flow.start()
+    try:
+        with pytest.raises(WorkerDiedError, match="exited with code 139"):
+            await flow.process(Task("die"), timeout_sec=30)
+        results = await asyncio.gather(*(flow.process(Task(i), timeout_sec=30) for i in range(20)))
+        assert results == [True] * 20
+        await _wait_for(lambda: flow.health().ready)
+    finally:
+        await flow.stop()
+
+
+async def test_a_crash_looping_worker_is_backed_off() -> None:
+    flow = Flow(FlowStep(DiesOnValue()))
+    flow.start()
+    try:
+        for _ in range(3):
+            await _wait_for(lambda: flow.health().ready)
+            with pytest.raises(WorkerDiedError):
+                await flow.process(Task("die"), timeout_sec=30)
+        # third quick death in a row: the replacement waits (0.5 s, 1 s, 2 s ...) instead of starting hot
+        assert not flow.health().ready
+        assert flow.health().steps[0].pids == ()
+        await _wait_for(lambda: flow.health().ready)
+        assert flow.health().steps[0].restarts == 3
+    finally:
+        await flow.stop()
+
+
+async def test_expired_tasks_never_reach_the_handler(tmp_path: Path) -> None:
+    log = tmp_path / "seen.log"
+    flow = Flow(FlowStep(Recorder(log=log, sleep=0.5)))
+    flow.start()
+    try:
+        blocker = asyncio.ensure_future(flow.process(Task("blocker"), timeout_sec=30))
+        await asyncio.sleep(0.05)
+        late = [Task(f"late{i}") for i in range(3)]
+        results = await asyncio.gather(*(flow.process(t, timeout_sec=0.2) for t in late), return_exceptions=True)
+        assert all(isinstance(r, TaskTimeoutError) for r in results)
+        assert str(results[0]) == "Task timeout error"
+        await blocker
+        assert await flow.process(Task("after"), timeout_sec=30)
+    finally:
+        await flow.stop()
+    assert log.read_text().split() == ["blocker", "after"]
+
+
+async def test_a_full_queue_fails_fast() -> None:
+    flow = Flow(FlowStep(Recorder(sleep=1.0)), queue_size=2)
+    flow.start()
+    try:
+        busy = asyncio.ensure_future(flow.process(Task(0), timeout_sec=30))
+        await asyncio.sleep(0.1)  # the worker holds task 0; the next two wait
+        waiting = [asyncio.ensure_future(flow.process(Task(i), timeout_sec=30)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError):
+            await flow.process(Task(3), timeout_sec=30)
+        assert await busy and all(await asyncio.gather(*waiting))
+    finally:
+        await flow.stop()
+
+
+async def test_graceful_stop_lets_tasks_in_flight_finish() -> None:
+    flow = Flow(FlowStep(Recorder(sleep=0.3)))
+    flow.start()
+    pids = list(flow.health().steps[0].pids)
+    tasks = [Task(i) for i in range(3)]
+    pending = [asyncio.ensure_future(flow.process(t, timeout_sec=30)) for t in tasks]
+    await asyncio.sleep(0.05)
+    await flow.stop()
+    assert all(p.result() for p in pending)
+    assert [t.result for t in tasks] == [0, 1, 2]
+    assert children_alive(pids) == []
+
+
+async def test_non_graceful_stop_fails_tasks_in_flight_at_once() -> None:
+    flow = Flow(FlowStep(Recorder(sleep=5.0)))
+    flow.start()
+    pids = list(flow.health().steps[0].pids)
+    pending = [asyncio.ensure_future(flow.process(Task(i), timeout_sec=30)) for i in range(3)]
+    await asyncio.sleep(0.05)
+    await flow.stop(graceful=False)
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    assert all(isinstance(r, TaskCancelledError) for r in results)
+    assert children_alive(pids) == []
+
+
+@pytest.mark.usefixtures("no_shm_leaks")
+async def test_no_shared_memory_left_when_a_handler_raises_mid_transfer() -> None:
+    flow = Flow(FlowStep(Poisoned(), batch_size=4, batch_timeout=0.1))
+    flow.start()
+    try:
+        tasks = [Task(np.ones(1 << 18)) for _ in range(3)] + [Task("poison")]
+        results = await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks), return_exceptions=True)
+        assert isinstance(results[3], TaskError)
+    finally:
+        await flow.stop()
+
+
+def test_parent_killed_by_sigterm_leaves_no_processes_or_shared_memory(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, os, sys
+            import numpy as np
+            from aqueduct import Flow, FlowStep
+            from tests.engine.handlers import Recorder, Task
+
+            async def main():
+                flow = Flow(FlowStep(Recorder(sleep=60)), FlowStep(Recorder()))
+                flow.start()
+                pids = [p for s in flow.health().steps for p in s.pids]
+                task = Task(np.ones(1 << 20))
+                pending = asyncio.ensure_future(flow.process(task, timeout_sec=120))
+                await asyncio.sleep(0.2)
+                print(" ".join(map(str, pids)), flush=True)
+                await pending
+
+            asyncio.run(main())
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    try:
+        assert proc.stdout is not None
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        prefix = f"aqd-{proc.pid}-"
+        assert any(name.startswith(prefix) for name in os.listdir("/dev/shm"))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while children_alive(pids) or any(name.startswith(prefix) for name in os.listdir("/dev/shm")):
+            assert time.monotonic() < deadline, (children_alive(pids), os.listdir("/dev/shm"))
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_metrics_count_outcomes_batches_and_restarts() -> None:
+    flow = Flow(FlowStep(Poisoned(), batch_size=4, batch_timeout=0.1, name="detect"))
+    flow.start()
+    try:
+        tasks = [Task(1), Task(2), Task("poison")]
+        await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks), return_exceptions=True)
+        text = generate_latest(flow.metrics_registry).decode()
+    finally:
+        await flow.stop()
+    assert 'aqueduct_tasks_total{outcome="ok",step="detect"} 2.0' in text
+    assert 'aqueduct_tasks_total{outcome="error",step="detect"} 1.0' in text
+    assert 'aqueduct_tasks_total{outcome="ok",step="flow"} 2.0' in text
+    assert 'aqueduct_batch_size_count{step="detect"}' in text
+    assert 'aqueduct_handle_seconds_bucket{le="+Inf",step="detect"}' in text
+    assert 'aqueduct_task_latency_seconds_count 2.0' in text
+    assert 'aqueduct_queue_depth{step="detect"} 0.0' in text
+    assert 'aqueduct_workers_alive{step="detect"} 1.0' in text
+    assert 'aqueduct_worker_restarts_total{step="detect"} 0.0' in text
+
+
+async def test_metrics_can_be_switched_off() -> None:
+    flow = Flow(FlowStep(Recorder()), metrics_enabled=False)
+    flow.start()
+    try:
+        await flow.process(Task(1))
+    finally:
+        await flow.stop()
+    assert "aqueduct_" not in generate_latest(flow.metrics_registry).decode()
