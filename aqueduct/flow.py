@@ -23,6 +23,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry
 
 from ._runtime import codec, pipes, shm
+from ._runtime.adaptive import AdaptiveWindow
 from ._runtime.supervisor import WorkerProcess, kill_all, spawn
 from ._runtime.worker import ERROR, EXPIRED, OK, describe_exception
 from .exceptions import (
@@ -133,6 +134,15 @@ class _Step:
         self.timer_due = 0.0
         self.metrics = metrics
         self.max_inflight = 1 + max(1, PREFETCH_TASKS // step.batch_size)
+        self.adaptive = AdaptiveWindow(step.latency_target) if step.latency_target else None
+
+    def dispatch_at(self, now: float) -> float:
+        """When a free worker should take the waiting (fewer than a batch) tasks."""
+        if self.adaptive is not None:
+            return self.adaptive.dispatch_at(now, self.oldest(), self.waiting, self.step.batch_size)
+        if self.step.batch_timeout:
+            return self.oldest() + self.step.batch_timeout
+        return now
 
     def live_workers(self) -> list[WorkerProcess]:
         return [w for w in self.workers if w is not None and w.ready and not w.exited]
@@ -180,7 +190,9 @@ class Flow:
             raise ValueError(f"step names must be unique, got {self._names}")
         if isinstance(queue_priorities, bool) or not isinstance(queue_priorities, int) or queue_priorities < 1:
             raise ValueError(f"queue_priorities must be an integer >= 1, got {queue_priorities!r}")
-        if queue_size is not None and (isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1):
+        if queue_size is not None and (
+            isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1
+        ):
             raise ValueError(f"queue_size must be None or an integer >= 1, got {queue_size!r}")
         if mp_start_method != "fork" and mp_start_method != mp.get_start_method():
             raise MPStartMethodValueError(
@@ -382,7 +394,7 @@ class Flow:
         self._idle = self._exited = None
         self._rt = [
             _Step(step, i, name, self._queue_priorities, self._metrics.steps[i] if self._metrics else None)
-            for i, (step, name) in enumerate(zip(self._steps, self._names))
+            for i, (step, name) in enumerate(zip(self._steps, self._names, strict=True))
         ]
         atexit.register(self._at_exit)
 
@@ -466,6 +478,8 @@ class Flow:
                 return
             if wanted:
                 entry.enqueued_at = time.monotonic()
+                if rt.adaptive is not None:
+                    rt.adaptive.arrived(entry.enqueued_at)
                 rt.queues[entry.priority].append(entry)
                 rt.waiting += 1
                 self._waiting += 1
@@ -497,9 +511,10 @@ class Flow:
                 held = len(w.inflight) + len(batches)
                 if held >= rt.max_inflight or (held and rt.waiting < size):
                     break
-                if not held and rt.waiting < size and rt.step.batch_timeout:
-                    due = rt.oldest() + rt.step.batch_timeout
-                    if time.monotonic() < due:
+                if not held and rt.waiting < size:
+                    now = time.monotonic()
+                    due = rt.dispatch_at(now)
+                    if now < due:
                         self._wake_at(rt, due)
                         break
                 batch = self._take(rt, size)
@@ -595,7 +610,7 @@ class Flow:
             return
         handled = 0
         metrics = rt.metrics
-        for entry, (status, payload) in zip(batch, outcomes):
+        for entry, (status, payload) in zip(batch, outcomes, strict=True):
             entry.in_worker = False
             if status != EXPIRED:
                 handled += 1
@@ -619,8 +634,11 @@ class Flow:
                 if metrics:
                     metrics.outcome["expired"].inc()
                 self._fail(entry, TaskTimeoutError())
-        if metrics and handled:
-            metrics.batch(handled, seconds)
+        if handled:
+            if metrics:
+                metrics.batch(handled, seconds)
+            if rt.adaptive is not None:
+                rt.adaptive.handled(handled, seconds)
         self._schedule(rt)
 
     def _on_exit(self, rt: _Step, w: WorkerProcess) -> None:

@@ -40,8 +40,12 @@ class _StepGauges(Collector):
 
     def collect(self) -> Iterable[Metric]:
         depth = GaugeMetricFamily("aqueduct_queue_depth", "Tasks waiting for a worker of the step", labels=["step"])
-        alive = GaugeMetricFamily("aqueduct_workers_alive", "Started, live worker processes of the step", labels=["step"])
-        expected = GaugeMetricFamily("aqueduct_workers_expected", "Worker processes the step should have", labels=["step"])
+        alive = GaugeMetricFamily(
+            "aqueduct_workers_alive", "Started, live worker processes of the step", labels=["step"]
+        )
+        expected = GaugeMetricFamily(
+            "aqueduct_workers_expected", "Worker processes the step should have", labels=["step"]
+        )
         for step, queue_depth, n_alive, n_expected in self._read():
             depth.add_metric([step], queue_depth)
             alive.add_metric([step], n_alive)

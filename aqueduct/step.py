@@ -21,6 +21,10 @@ class FlowStep:
         on_start_wait: accepted for upstream compatibility; workers report when ``on_start``
             finished, so no wait is needed.
         name: the step's name in metrics and health (default ``step<N>_<HandlerClass>``).
+        latency_target: opt-in adaptive batch window, seconds. The step learns the arrival rate
+            and what a batch costs, and a free worker waits for a fuller batch only while that
+            keeps the oldest task within this target and more tasks are expected; it replaces
+            the fixed ``batch_timeout``.
         bisect: when ``handle()`` raises for a batch, re-run halves of it to find the task(s)
             that fail, so that the others complete. Set False for handlers with side effects:
             then the whole batch fails.
@@ -37,6 +41,7 @@ class FlowStep:
         *,
         name: str | None = None,
         bisect: bool = True,
+        latency_target: float | None = None,
     ) -> None:
         if not isinstance(handler, BaseTaskHandler):
             raise TypeError(f"handler must be a BaseTaskHandler instance, got {type(handler).__name__}")
@@ -48,6 +53,8 @@ class FlowStep:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if not isinstance(batch_timeout, (int, float)) or batch_timeout < 0:
             raise ValueError(f"batch_timeout must be a number >= 0, got {batch_timeout!r}")
+        if latency_target is not None and (not isinstance(latency_target, (int, float)) or latency_target <= 0):
+            raise ValueError(f"latency_target must be None or a number > 0, got {latency_target!r}")
         self.handler = handler
         self.handle_condition = handle_condition
         self.nprocs = nprocs
@@ -56,3 +63,4 @@ class FlowStep:
         self.on_start_wait = on_start_wait
         self.name = name
         self.bisect = bisect
+        self.latency_target = latency_target

@@ -85,7 +85,8 @@ class BaseTask:
             if data.nbytes == 0:
                 self._shared_fields[field_name] = (value, None)
                 return
-            seg = Segment.create(_SHARE_PREFIX_TEMPLATE.format(pid=os.getpid()), memoryview(data).cast("B"))
+            flat = memoryview(data.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            seg = Segment.create(_SHARE_PREFIX_TEMPLATE.format(pid=os.getpid()), flat)
             weakref.finalize(self, unlink, seg.name)
             array = np.ndarray(value.shape, dtype=value.dtype, buffer=seg.mm)
             self.__dict__[field_name] = array

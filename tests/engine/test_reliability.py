@@ -220,7 +220,11 @@ def test_parent_killed_by_sigterm_leaves_no_processes_or_shared_memory(tmp_path:
         )
     )
     proc = subprocess.Popen(
-        [sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
         assert proc.stdout is not None
@@ -254,7 +258,7 @@ async def test_metrics_count_outcomes_batches_and_restarts() -> None:
     assert 'aqueduct_tasks_total{outcome="ok",step="flow"} 2.0' in text
     assert 'aqueduct_batch_size_count{step="detect"}' in text
     assert 'aqueduct_handle_seconds_bucket{le="+Inf",step="detect"}' in text
-    assert 'aqueduct_task_latency_seconds_count 2.0' in text
+    assert "aqueduct_task_latency_seconds_count 2.0" in text
     assert 'aqueduct_queue_depth{step="detect"} 0.0' in text
     assert 'aqueduct_workers_alive{step="detect"} 1.0' in text
     assert 'aqueduct_worker_restarts_total{step="detect"} 0.0' in text
