@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -274,3 +278,40 @@ def test_bad_step_settings_are_rejected() -> None:
         FlowStep(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Flow(FlowStep(Recorder(), name="a"), FlowStep(Recorder(), name="a"))
+
+
+def test_spawn_start_method(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "spawned.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, multiprocessing as mp
+            import numpy as np
+            from aqueduct import Flow, FlowStep
+            from tests.engine.handlers import Recorder, Task
+
+            async def main():
+                flow = Flow(FlowStep(Recorder(), nprocs=2), FlowStep(Recorder()), mp_start_method="spawn")
+                flow.start(timeout=120)
+                task = Task(np.ones(1 << 18))
+                await flow.process(task, timeout_sec=30)
+                await flow.stop()
+                print("sum", task.result.sum())
+
+            if __name__ == "__main__":
+                mp.set_start_method("spawn")
+                asyncio.run(main())
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sum 262144.0" in result.stdout
