@@ -1,0 +1,44 @@
+"""``aqueduct-operator``: ``kopf run`` for the Pipeline handlers, with namespace selection and liveness."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+import kopf
+
+DEFAULT_LIVENESS = "http://0.0.0.0:8081/healthz"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="aqueduct-operator", description="Reconciles aqueduct.dev Pipelines.")
+    scope = parser.add_mutually_exclusive_group(required=True)
+    scope.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
+                       help="watch this namespace (repeatable; globs such as 'team-*' allowed)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    parser.add_argument("--liveness", default=DEFAULT_LIVENESS, metavar="URL",
+                        help=f"liveness endpoint to serve (default {DEFAULT_LIVENESS}; '' disables it)")
+    parser.add_argument("--standalone", action="store_true",
+                        help="do not coordinate with other operator replicas (kopf peering)")
+    parser.add_argument("--verbose", action="store_true", help="verbose logging")
+    parser.add_argument("--debug", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    kopf.configure(verbose=args.verbose, debug=args.debug, log_prefix=True)
+    logging.getLogger("aqueduct_operator").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    from aqueduct_operator import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespaces or (),
+        liveness_endpoint=args.liveness or None,
+        standalone=args.standalone or None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Typed ``Pipeline`` spec: parsing, defaults and the semantic checks the CRD schema cannot express.
+
+The API server already enforces the CRD's openAPIV3Schema (types, minimums, enums, CEL rules), but the
+operator re-checks what it relies on: objects may come from an older CRD, from a server that skips
+validation (tests), or combine fields in ways no schema rule catches. Every problem is an
+:class:`InvalidSpec` naming the offending field, e.g. ``spec.steps[1].handler``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Same patterns as the CRD and config.schema.json (tests/contract checks all three agree).
+STEP_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$")
+IMPORT_REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+# The Pipeline's name becomes a Service name and a label value: a DNS-1035 label.
+DNS1035_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+QUANTITY_RE = re.compile(
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+ENV_NAME_RE = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+GPU_RESOURCE = "nvidia.com/gpu"
+DATATYPES = frozenset(
+    ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
+)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+TOLERATION_OPERATORS = ("Exists", "Equal")
+TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# Environment variables the operator sets itself; a user value would break the pod's contract.
+RESERVED_ENV = frozenset({"AQUEDUCT_CONFIG"})
+
+SPEC_FIELDS = frozenset({
+    "image", "imagePullPolicy", "replicas", "steps", "queue", "timeout", "startTimeout", "inputs", "outputs",
+    "server", "resources", "env", "nodeSelector", "tolerations", "imagePullSecrets", "serviceAccountName",
+    "podAnnotations",
+})
+STEP_FIELDS = frozenset({"name", "handler", "nprocs", "batchSize", "batchTimeout", "handleCondition"})
+
+
+class InvalidSpec(ValueError):
+    """The Pipeline cannot be served as written; ``field`` names the offending path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    handler: str
+    nprocs: int = 1
+    batch_size: int = 1
+    batch_timeout: float = 0.0
+    handle_condition: str | None = None
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A validated ``Pipeline``: its identity plus its spec with defaults applied."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    image: str
+    steps: tuple[Step, ...]
+    replicas: int = 1
+    image_pull_policy: str | None = None
+    queue_size: int | None = None
+    queue_priorities: int = 1
+    timeout: float = 5.0
+    start_timeout: float | None = None
+    inputs: tuple[Tensor, ...] = ()
+    outputs: tuple[Tensor, ...] = ()
+    log_level: str = "info"
+    max_body_bytes: int | None = None
+    graceful_timeout: float = 30.0
+    resources: Mapping[str, Mapping[str, str | int]] = field(default_factory=dict)
+    env: tuple[Mapping[str, Any], ...] = ()
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    image_pull_secrets: tuple[str, ...] = ()
+    service_account_name: str | None = None
+    pod_annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _int(value: Any, path: str, *, lo: int, hi: int | None = None) -> int:
+    if not _is_int(value):
+        raise InvalidSpec(path, f"must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise InvalidSpec(path, f"must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}")
+    return int(value)
+
+
+def _number(value: Any, path: str, *, lo: float, hi: float | None = None, exclusive_lo: bool = False) -> float:
+    if not _is_number(value):
+        raise InvalidSpec(path, f"must be a number, got {value!r}")
+    if value < lo or (exclusive_lo and value == lo) or (hi is not None and value > hi):
+        bound = f"> {lo}" if exclusive_lo else f">= {lo}"
+        raise InvalidSpec(path, f"must be {bound}" + (f" and <= {hi}" if hi is not None else "") + f", got {value}")
+    return float(value)
+
+
+def _str(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidSpec(path, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidSpec(path, f"must be an object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise InvalidSpec(path, f"must be a list, got {type(value).__name__}")
+    return value
+
+
+def _string_map(value: Any, path: str) -> dict[str, str]:
+    result = {}
+    for key, item in _mapping(value, path).items():
+        if not isinstance(item, str):
+            raise InvalidSpec(f"{path}.{key}", f"must be a string, got {item!r}")
+        result[str(key)] = item
+    return result
+
+
+def _unknown(obj: Mapping[str, Any], known: frozenset[str], path: str) -> None:
+    extra = sorted(set(obj) - known)
+    if extra:
+        raise InvalidSpec(f"{path}.{extra[0]}", f"unknown field (known: {', '.join(sorted(known))})")
+
+
+def _import_ref(value: Any, path: str, what: str) -> str:
+    text = _str(value, path)
+    if not IMPORT_REF_RE.match(text):
+        raise InvalidSpec(path, f"must be {what} as 'package.module:{what.split(':')[-1]}', got {text!r}")
+    return text
+
+
+def _step(raw: Any, path: str) -> Step:
+    obj = _mapping(raw, path)
+    _unknown(obj, STEP_FIELDS, path)
+    if "name" not in obj:
+        raise InvalidSpec(f"{path}.name", "is required")
+    if "handler" not in obj:
+        raise InvalidSpec(f"{path}.handler", "is required")
+    name = _str(obj["name"], f"{path}.name")
+    if len(name) > 63 or not STEP_NAME_RE.match(name):
+        raise InvalidSpec(f"{path}.name", f"must match {STEP_NAME_RE.pattern} (at most 63 characters), got {name!r}")
+    condition = obj.get("handleCondition")
+    return Step(
+        name=name,
+        handler=_import_ref(obj["handler"], f"{path}.handler", "a handler class:ClassName"),
+        nprocs=_int(obj.get("nprocs", 1), f"{path}.nprocs", lo=1, hi=64),
+        batch_size=_int(obj.get("batchSize", 1), f"{path}.batchSize", lo=1, hi=4096),
+        batch_timeout=_number(obj.get("batchTimeout", 0), f"{path}.batchTimeout", lo=0, hi=60),
+        handle_condition=None if condition is None else _import_ref(
+            condition, f"{path}.handleCondition", "a condition function:function"
+        ),
+    )
+
+
+def _tensor(raw: Any, path: str) -> Tensor:
+    obj = _mapping(raw, path)
+    _unknown(obj, frozenset({"name", "datatype", "shape"}), path)
+    datatype = obj.get("datatype")
+    if datatype not in DATATYPES:
+        raise InvalidSpec(f"{path}.datatype", f"must be one of {', '.join(sorted(DATATYPES))}, got {datatype!r}")
+    shape = _list(obj.get("shape"), f"{path}.shape")
+    return Tensor(
+        name=_str(obj.get("name"), f"{path}.name"),
+        datatype=datatype,
+        shape=tuple(_int(dim, f"{path}.shape[{i}]", lo=-1) for i, dim in enumerate(shape)),
+    )
+
+
+def _quantity(value: Any, path: str) -> str | int:
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, str) and QUANTITY_RE.match(value):
+        return value
+    raise InvalidSpec(path, f"must be a Kubernetes quantity such as '500m', '2Gi' or 1, got {value!r}")
+
+
+def _resources(raw: Any, path: str) -> dict[str, dict[str, str | int]]:
+    obj = _mapping(raw, path)
+    _unknown(obj, frozenset({"limits", "requests"}), path)
+    result: dict[str, dict[str, str | int]] = {}
+    for kind in ("limits", "requests"):
+        if kind in obj:
+            result[kind] = {
+                str(key): _quantity(value, f"{path}.{kind}.{key}")
+                for key, value in _mapping(obj[kind], f"{path}.{kind}").items()
+            }
+    gpu_limit = result.get("limits", {}).get(GPU_RESOURCE)
+    gpu_request = result.get("requests", {}).get(GPU_RESOURCE)
+    for kind, value in (("limits", gpu_limit), ("requests", gpu_request)):
+        if value is not None and not (_is_int(value) or (isinstance(value, str) and value.isdigit())):
+            raise InvalidSpec(f"{path}.{kind}.{GPU_RESOURCE}", f"GPUs are whole devices: use an integer, got {value!r}")
+    if gpu_request is not None and gpu_limit is None:
+        raise InvalidSpec(f"{path}.limits.{GPU_RESOURCE}", "GPUs must be set in limits (requests alone are rejected)")
+    if gpu_request is not None and str(gpu_request) != str(gpu_limit):
+        raise InvalidSpec(f"{path}.requests.{GPU_RESOURCE}", "must equal the GPU limit (GPUs cannot be overcommitted)")
+    return result
+
+
+def _env(raw: Any, path: str) -> tuple[Mapping[str, Any], ...]:
+    seen: set[str] = set()
+    result = []
+    for i, item in enumerate(_list(raw, path)):
+        where = f"{path}[{i}]"
+        obj = _mapping(item, where)
+        _unknown(obj, frozenset({"name", "value", "valueFrom"}), where)
+        name = _str(obj.get("name"), f"{where}.name")
+        if not ENV_NAME_RE.match(name):
+            raise InvalidSpec(f"{where}.name", f"not a valid environment variable name: {name!r}")
+        if name in RESERVED_ENV:
+            raise InvalidSpec(f"{where}.name", f"{name} is set by the operator")
+        if name in seen:
+            raise InvalidSpec(f"{where}.name", f"duplicate environment variable {name!r}")
+        seen.add(name)
+        if "value" in obj and "valueFrom" in obj:
+            raise InvalidSpec(where, "value and valueFrom are mutually exclusive")
+        if "value" in obj and not isinstance(obj["value"], str):
+            raise InvalidSpec(f"{where}.value", f"must be a string, got {obj['value']!r}")
+        if "valueFrom" in obj:
+            _mapping(obj["valueFrom"], f"{where}.valueFrom")
+        result.append(dict(obj))
+    return tuple(result)
+
+
+def _tolerations(raw: Any, path: str) -> tuple[Mapping[str, Any], ...]:
+    known = frozenset({"key", "operator", "value", "effect", "tolerationSeconds"})
+    result = []
+    for i, item in enumerate(_list(raw, path)):
+        where = f"{path}[{i}]"
+        obj = _mapping(item, where)
+        _unknown(obj, known, where)
+        if obj.get("operator", "Equal") not in TOLERATION_OPERATORS:
+            raise InvalidSpec(f"{where}.operator", f"must be Exists or Equal, got {obj['operator']!r}")
+        if "effect" in obj and obj["effect"] not in TOLERATION_EFFECTS:
+            raise InvalidSpec(f"{where}.effect", f"must be one of {', '.join(TOLERATION_EFFECTS)}")
+        if obj.get("operator") == "Exists" and obj.get("value"):
+            raise InvalidSpec(f"{where}.value", "must be empty when operator is Exists")
+        if "tolerationSeconds" in obj:
+            _int(obj["tolerationSeconds"], f"{where}.tolerationSeconds", lo=-(2**63))
+        result.append(dict(obj))
+    return tuple(result)
+
+
+def parse(body: Mapping[str, Any]) -> PipelineSpec:
+    """Validate a ``Pipeline`` object (as the API returns it) into a :class:`PipelineSpec`.
+
+    Raises:
+        InvalidSpec: naming the first offending field.
+    """
+    meta = _mapping(body.get("metadata") or {}, "metadata")
+    name = str(meta.get("name", ""))
+    if len(name) > 63 or not DNS1035_RE.match(name):
+        raise InvalidSpec(
+            "metadata.name",
+            f"must be a DNS-1035 label (lowercase letters, digits, '-'; starts with a letter; "
+            f"at most 63 characters) because it names the Service, got {name!r}",
+        )
+    spec = _mapping(body.get("spec"), "spec") if "spec" in body else None
+    if spec is None:
+        raise InvalidSpec("spec", "is required")
+    _unknown(spec, SPEC_FIELDS, "spec")
+    if "image" not in spec:
+        raise InvalidSpec("spec.image", "is required")
+    if "steps" not in spec:
+        raise InvalidSpec("spec.steps", "is required")
+
+    raw_steps = _list(spec["steps"], "spec.steps")
+    if not 1 <= len(raw_steps) <= 32:
+        raise InvalidSpec("spec.steps", f"must have 1 to 32 steps, got {len(raw_steps)}")
+    steps = tuple(_step(raw, f"spec.steps[{i}]") for i, raw in enumerate(raw_steps))
+    names = [step.name for step in steps]
+    for i, step_name in enumerate(names):
+        if step_name in names[:i]:
+            raise InvalidSpec(f"spec.steps[{i}].name", f"duplicate step name {step_name!r}: step names must be unique")
+
+    queue = _mapping(spec.get("queue") or {}, "spec.queue")
+    _unknown(queue, frozenset({"size", "priorities"}), "spec.queue")
+    server = _mapping(spec.get("server") or {}, "spec.server")
+    _unknown(server, frozenset({"logLevel", "maxBodyBytes", "gracefulTimeout"}), "spec.server")
+    log_level = server.get("logLevel", "info")
+    if log_level not in LOG_LEVELS:
+        raise InvalidSpec("spec.server.logLevel", f"must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    pull_policy = spec.get("imagePullPolicy")
+    if pull_policy is not None and pull_policy not in PULL_POLICIES:
+        raise InvalidSpec("spec.imagePullPolicy", f"must be one of {', '.join(PULL_POLICIES)}, got {pull_policy!r}")
+
+    timeout = _number(spec.get("timeout", 5.0), "spec.timeout", lo=0, exclusive_lo=True)
+    for i, step in enumerate(steps):
+        if step.batch_timeout >= timeout:
+            raise InvalidSpec(
+                f"spec.steps[{i}].batchTimeout",
+                f"{step.batch_timeout}s must be shorter than spec.timeout ({timeout}s), "
+                "or every request waiting for a fuller batch would time out",
+            )
+    start_timeout = spec.get("startTimeout")
+    pull_secrets = []
+    for i, secret in enumerate(_list(spec.get("imagePullSecrets", []), "spec.imagePullSecrets")):
+        secret_ref = _mapping(secret, f"spec.imagePullSecrets[{i}]")
+        _unknown(secret_ref, frozenset({"name"}), f"spec.imagePullSecrets[{i}]")
+        pull_secrets.append(_str(secret_ref.get("name"), f"spec.imagePullSecrets[{i}].name"))
+    service_account = spec.get("serviceAccountName")
+
+    return PipelineSpec(
+        name=name,
+        namespace=str(meta.get("namespace") or "default"),
+        uid=str(meta.get("uid", "")),
+        generation=int(meta.get("generation") or 0),
+        image=_str(spec["image"], "spec.image"),
+        image_pull_policy=pull_policy,
+        steps=steps,
+        replicas=_int(spec.get("replicas", 1), "spec.replicas", lo=0, hi=1000),
+        queue_size=None if queue.get("size") is None else _int(queue["size"], "spec.queue.size", lo=1),
+        queue_priorities=_int(queue.get("priorities", 1), "spec.queue.priorities", lo=1, hi=16),
+        timeout=timeout,
+        start_timeout=None if start_timeout is None else _number(
+            start_timeout, "spec.startTimeout", lo=0, exclusive_lo=True
+        ),
+        inputs=tuple(
+            _tensor(t, f"spec.inputs[{i}]") for i, t in enumerate(_list(spec.get("inputs", []), "spec.inputs"))
+        ),
+        outputs=tuple(
+            _tensor(t, f"spec.outputs[{i}]") for i, t in enumerate(_list(spec.get("outputs", []), "spec.outputs"))
+        ),
+        log_level=log_level,
+        max_body_bytes=None if server.get("maxBodyBytes") is None else _int(
+            server["maxBodyBytes"], "spec.server.maxBodyBytes", lo=1024
+        ),
+        graceful_timeout=_number(server.get("gracefulTimeout", 30), "spec.server.gracefulTimeout", lo=0, hi=3600),
+        resources=_resources(spec.get("resources") or {}, "spec.resources"),
+        env=_env(spec.get("env", []), "spec.env"),
+        node_selector=_string_map(spec.get("nodeSelector") or {}, "spec.nodeSelector"),
+        tolerations=_tolerations(spec.get("tolerations", []), "spec.tolerations"),
+        image_pull_secrets=tuple(pull_secrets),
+        service_account_name=None if service_account is None else _str(service_account, "spec.serviceAccountName"),
+        pod_annotations=_string_map(spec.get("podAnnotations") or {}, "spec.podAnnotations"),
+    )

@@ -1,0 +1,140 @@
+"""Pure status computation: a Pipeline's status from its Deployment's status (or from an error).
+
+Conditions follow metav1.Condition (type, status, observedGeneration, lastTransitionTime, reason,
+message); ``lastTransitionTime`` only moves when a condition's status flips, so recomputing an
+unchanged situation yields an identical status and reconciliation issues no patch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aqueduct_operator.render import selector_string, url
+from aqueduct_operator.spec import PipelineSpec
+
+READY = "Ready"
+PROGRESSING = "Progressing"
+DEGRADED = "Degraded"
+CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
+# Keys of .status this operator owns (anything else, e.g. kopf's bookkeeping, is left alone).
+OWNED_KEYS = ("observedGeneration", "replicas", "readyReplicas", "selector", "url", "conditions")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a Pipeline cannot be reconciled: ``reason`` is CamelCase (e.g. ``InvalidSpec``)."""
+
+    reason: str
+    message: str
+
+
+def _condition(
+    previous: Mapping[str, Mapping[str, Any]], kind: str, status: bool, reason: str, message: str,
+    generation: int, now: str,
+) -> dict[str, Any]:
+    value = "True" if status else "False"
+    before = previous.get(kind)
+    since = before.get("lastTransitionTime") if before and before.get("status") == value else None
+    return {
+        "type": kind,
+        "status": value,
+        "observedGeneration": generation,
+        "lastTransitionTime": since or now,
+        "reason": reason,
+        "message": message,
+    }
+
+
+def _by_type(conditions: Sequence[Mapping[str, Any]] | None) -> dict[str, Mapping[str, Any]]:
+    return {c["type"]: c for c in conditions or () if isinstance(c, Mapping) and "type" in c}
+
+
+def failed(
+    generation: int, failure: Failure, previous: Mapping[str, Any], now: str, *, spec: PipelineSpec | None = None
+) -> dict[str, Any]:
+    """Status of a Pipeline that cannot be (fully) reconciled: Ready=False, Degraded=True, with the reason."""
+    before = _by_type(previous.get("conditions"))
+    result: dict[str, Any] = {
+        "observedGeneration": generation,
+        "replicas": previous.get("replicas", 0),
+        "readyReplicas": previous.get("readyReplicas", 0),
+        "selector": selector_string(spec) if spec else None,
+        "url": url(spec) if spec else None,
+        "conditions": [
+            _condition(before, READY, False, failure.reason, failure.message, generation, now),
+            _condition(before, PROGRESSING, False, failure.reason, failure.message, generation, now),
+            _condition(before, DEGRADED, True, failure.reason, failure.message, generation, now),
+        ],
+    }
+    return result
+
+
+def _deployment_condition(deployment: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+    return _by_type((deployment.get("status") or {}).get("conditions")).get(kind, {})
+
+
+def compute(
+    spec: PipelineSpec, deployment: Mapping[str, Any] | None, previous: Mapping[str, Any], now: str
+) -> dict[str, Any]:
+    """Status of a valid Pipeline whose children are applied, from its Deployment (None: not there yet)."""
+    before = _by_type(previous.get("conditions"))
+    gen = spec.generation
+    desired = spec.replicas
+    dstatus: Mapping[str, Any] = (deployment or {}).get("status") or {}
+    replicas = int(dstatus.get("replicas") or 0)
+    ready = int(dstatus.get("readyReplicas") or 0)
+    available = int(dstatus.get("availableReplicas") or 0)
+    updated = int(dstatus.get("updatedReplicas") or 0)
+    dgen = int(((deployment or {}).get("metadata") or {}).get("generation") or 0)
+    observed = deployment is not None and int(dstatus.get("observedGeneration") or 0) >= dgen
+
+    failure: tuple[str, str] | None = None
+    ready_c: tuple[bool, str, str]
+    progressing_c: tuple[bool, str, str]
+    if deployment is not None:
+        progressing = _deployment_condition(deployment, "Progressing")
+        replica_failure = _deployment_condition(deployment, "ReplicaFailure")
+        if progressing.get("status") == "False":
+            failure = (progressing.get("reason") or "ProgressDeadlineExceeded", progressing.get("message", ""))
+        elif replica_failure.get("status") == "True":
+            failure = (replica_failure.get("reason") or "ReplicaFailure", replica_failure.get("message", ""))
+
+    rolled_out = observed and updated >= desired and replicas == desired and available >= desired
+    if deployment is None:
+        ready_c = (False, "Reconciling", "the Deployment is being created")
+    elif desired == 0:
+        ready_c = (False, "ScaledToZero", "spec.replicas is 0")
+    elif ready >= desired and available >= desired:
+        ready_c = (True, "AllReplicasReady", f"{ready}/{desired} replicas ready")
+    else:
+        ready_c = (False, "ReplicasNotReady", f"{ready}/{desired} replicas ready")
+    if rolled_out:
+        progressing_c = (False, "RolloutComplete", f"{updated}/{desired} replicas up to date")
+    elif failure:
+        progressing_c = (False, failure[0], failure[1])
+    else:
+        progressing_c = (True, "RollingOut", f"{updated}/{desired} replicas up to date, {replicas} running")
+    degraded_c = (True, failure[0], failure[1]) if failure else (False, "AsExpected", "")
+
+    return {
+        "observedGeneration": gen,
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "selector": selector_string(spec),
+        "url": url(spec),
+        "conditions": [
+            _condition(before, READY, *ready_c, gen, now),
+            _condition(before, PROGRESSING, *progressing_c, gen, now),
+            _condition(before, DEGRADED, *degraded_c, gen, now),
+        ],
+    }
+
+
+def changed(previous: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return any(previous.get(key) != new.get(key) for key in OWNED_KEYS)
+
+
+def ready_condition(status: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _by_type(status.get("conditions")).get(READY, {})

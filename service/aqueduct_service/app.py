@@ -1,0 +1,294 @@
+"""The ASGI app: OIP v2 routes over one flow, plus health, metadata and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from aqueduct import Flow
+from aqueduct.exceptions import FlowError
+
+from .errors import RETRY_AFTER_SECONDS, InferenceError, from_engine_error
+from .health import ServingState
+from .inference import check_inputs, check_requested_outputs, decode_request, encode_response
+from .metrics import HttpMetrics, MetricsMiddleware
+from .settings import Settings, TensorSpec
+from .task import InferenceTask
+
+log = logging.getLogger("aqueduct_service")
+
+_JSON = b"application/json"
+INFER_ROUTE = "/v2/models/{name}/infer"
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+def create_app(flow: Flow, settings: Settings, state: ServingState | None = None) -> Starlette:
+    """Build the serving app for ``flow``, described by ``settings``.
+
+    The app's lifespan starts the flow in the background (liveness answers while workers run
+    ``on_start``; readiness waits for them) and stops it gracefully on shutdown. ``state`` lets the
+    caller flip the pod to draining (not ready, new requests refused) before the server shuts down.
+    """
+    state = state or ServingState()
+    metrics = HttpMetrics(flow.metrics_registry)
+    model = settings.name
+    metadata = orjson.dumps(_model_metadata(settings))
+    server_metadata = orjson.dumps({"name": "aqueduct", "version": _version(), "extensions": ["binary_tensor_data"]})
+
+    def model_or_404(request: Request) -> None:
+        if request.path_params["name"] != model:
+            raise InferenceError(404, f"model {request.path_params['name']!r} not found (this pod serves {model!r})")
+
+    async def server_info(request: Request) -> Response:
+        return Response(server_metadata, media_type="application/json")
+
+    async def live(request: Request) -> Response:
+        return _json({"live": True})
+
+    async def ready(request: Request) -> Response:
+        is_ready, detail = state.health(flow)
+        return _json(detail, 200 if is_ready else 503)
+
+    async def model_metadata(request: Request) -> Response:
+        model_or_404(request)
+        return Response(metadata, media_type="application/json")
+
+    async def model_ready(request: Request) -> Response:
+        model_or_404(request)
+        is_ready, _ = state.health(flow)
+        return _json({"name": model, "ready": is_ready}, 200 if is_ready else 503)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(flow.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def inference_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, InferenceError)
+        return Response(_error_body(exc), exc.status, exc.headers, media_type="application/json")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _json({"error": exc.detail}, exc.status_code, dict(exc.headers or {}))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        starter = asyncio.create_task(_start(flow, settings, state))
+        try:
+            yield
+        finally:
+            state.draining = True
+            if not starter.done():
+                starter.cancel()
+            await asyncio.gather(starter, return_exceptions=True)
+            await flow.stop(graceful=True, timeout=settings.server.graceful_timeout)
+
+    routes = [
+        Route("/v2", server_info),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        Route("/v2/models/{name}", model_metadata),
+        Route("/v2/models/{name}/ready", model_ready),
+        Route("/metrics", prometheus),
+    ]
+    return ServingApp(
+        InferenceEndpoint(flow, settings, state),
+        metrics,
+        routes=routes,
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+        exception_handlers={InferenceError: inference_error, HTTPException: http_error},
+        lifespan=lifespan,
+    )
+
+
+class ServingApp(Starlette):
+    """Starlette, with ``POST /v2/models/{name}/infer`` answered before any framework layer (the hot path)."""
+
+    def __init__(self, infer: InferenceEndpoint, metrics: HttpMetrics, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.infer = infer
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path.startswith("/v2/models/") and path.endswith("/infer"):
+                name = path[len("/v2/models/") : -len("/infer")]
+                if name and "/" not in name:
+                    start = time.perf_counter()
+                    status = await self.infer(name, receive, send, scope["headers"])
+                    self.metrics.observe("POST", INFER_ROUTE, status, time.perf_counter() - start)
+                    return
+        await super().__call__(scope, receive, send)
+
+
+class InferenceEndpoint:
+    """``POST /v2/models/{name}/infer``: plain ASGI, no per-request framework objects."""
+
+    def __init__(self, flow: Flow, settings: Settings, state: ServingState) -> None:
+        self.flow = flow
+        self.settings = settings
+        self.state = state
+        self.max_body = settings.server.max_body_bytes
+
+    async def __call__(self, name: str, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]) -> int:
+        """Answer one request; returns the HTTP status sent (499: the client left first)."""
+        try:
+            body, response_headers = await self._infer(name, receive, headers)
+            status = 200
+        except InferenceError as e:
+            status, body = e.status, _error_body(e)
+            response_headers = [(b"content-type", _JSON)]
+            response_headers += [(k.lower().encode(), v.encode()) for k, v in e.headers.items()]
+        except _ClientGone:
+            return 499
+        except Exception as e:
+            log.exception("inference request failed")
+            status, body = 500, orjson.dumps({"error": f"internal error: {type(e).__name__}: {e}"})
+            response_headers = [(b"content-type", _JSON)]
+        response_headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": body})
+        return status
+
+    async def _infer(
+        self, name: str, receive: Receive, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        if name != self.settings.name:
+            raise InferenceError(404, f"model {name!r} not found (this pod serves {self.settings.name!r})")
+        if self.state.draining:
+            raise InferenceError(503, "the server is shutting down", {"Retry-After": RETRY_AFTER_SECONDS})
+        header_length = None
+        for key, value in headers:
+            if key == b"content-length":
+                if not value.isdigit():
+                    raise InferenceError(400, "Content-Length is not a number")
+                if int(value) > self.max_body:
+                    raise InferenceError(
+                        413, f"request body of {int(value)} bytes is over the limit of {self.max_body}"
+                    )
+            elif key == b"inference-header-content-length":
+                if not value.isdigit():
+                    raise InferenceError(400, "Inference-Header-Content-Length is not a number")
+                header_length = int(value)
+            elif key == b"content-encoding" and value.lower() != b"identity":
+                raise InferenceError(415, f"Content-Encoding {value.decode(errors='replace')!r} is not supported")
+        body = await self._read_body(receive)
+        request = decode_request(body, header_length, self.max_body)
+        check_inputs(request.inputs, self.settings.inputs)
+        check_requested_outputs(request, self.settings.outputs)
+        task = InferenceTask(request.inputs, request.parameters)
+        timeout = self.settings.timeout
+        if request.parameters:
+            timeout = self._apply_parameters(task, request.parameters)
+        try:
+            await self.flow.process(task, timeout_sec=timeout)
+        except FlowError as e:
+            raise from_engine_error(e) from None
+        payload, response_header_length = encode_response(self.settings.name, request, task.outputs)
+        if response_header_length is None:
+            return payload, [(b"content-type", _JSON)]
+        return payload, [
+            (b"content-type", b"application/octet-stream"),
+            (b"inference-header-content-length", str(response_header_length).encode()),
+        ]
+
+    def _apply_parameters(self, task: InferenceTask, parameters: dict[str, Any]) -> float:
+        """Apply the OIP ``priority`` and ``timeout`` (microseconds, as Triton) parameters; return the deadline."""
+        priority = parameters.get("priority", 0)
+        if type(priority) is not int or not 0 <= priority < self.settings.queue_priorities:
+            raise InferenceError(
+                400, f"parameters.priority: must be an integer from 0 to {self.settings.queue_priorities - 1}"
+            )
+        if priority:
+            task.set_priority(priority)
+        timeout_us = parameters.get("timeout")
+        if timeout_us is None:
+            return self.settings.timeout
+        if type(timeout_us) not in (int, float) or not timeout_us > 0:
+            raise InferenceError(400, "parameters.timeout: must be a positive number of microseconds")
+        return float(timeout_us) / 1e6
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise InferenceError(413, f"request body is over the limit of {self.max_body} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _start(flow: Flow, settings: Settings, state: ServingState) -> None:
+    try:
+        await flow.start_async(timeout=settings.start_timeout)
+    except Exception as e:
+        log.exception("the flow failed to start")
+        state.start_error = e
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+
+
+def _error_body(error: InferenceError) -> bytes:
+    return orjson.dumps({"error": error.message, **error.extra})
+
+
+def _tensor_metadata(tensors: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+    return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in tensors]
+
+
+def _model_metadata(settings: Settings) -> dict[str, Any]:
+    return {
+        "name": settings.name,
+        "versions": ["1"],
+        "platform": settings.platform,
+        "inputs": _tensor_metadata(settings.inputs),
+        "outputs": _tensor_metadata(settings.outputs),
+        "parameters": {
+            "steps": [
+                {
+                    "name": step.name,
+                    "handler": step.handler,
+                    "nprocs": step.nprocs,
+                    "batch_size": step.batch_size,
+                    "batch_timeout": step.batch_timeout,
+                    "handle_condition": step.handle_condition,
+                }
+                for step in settings.steps
+            ],
+            "queue_size": settings.queue_size,
+            "queue_priorities": settings.queue_priorities,
+            "timeout": settings.timeout,
+        },
+    }
+
+
+def _version() -> str:
+    try:
+        return version("aqueduct-serving")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,59 @@
+"""Build the ``Flow`` a configuration describes."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from aqueduct import BaseTaskHandler, Flow, FlowStep
+
+from .settings import ConfigError, Settings
+
+
+def import_object(reference: str, where: str) -> Any:
+    """Import ``"package.module:Name"``; ``where`` names the config field in the error."""
+    module_name, _, attr = reference.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ConfigError(f"{where}: cannot import module {module_name!r}: {type(e).__name__}: {e}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def build_flow(settings: Settings) -> Flow:
+    """Import every step's handler (and handle condition) and build the flow; nothing starts yet.
+
+    Raises:
+        ConfigError: a handler or condition cannot be imported, is not a ``BaseTaskHandler`` subclass
+            or a callable, or its constructor raised.
+    """
+    steps = []
+    for index, step in enumerate(settings.steps):
+        where = f"steps[{index}].handler"
+        handler_class = import_object(step.handler, where)
+        if not (isinstance(handler_class, type) and issubclass(handler_class, BaseTaskHandler)):
+            raise ConfigError(f"{where}: {step.handler!r} is not a BaseTaskHandler subclass")
+        try:
+            handler = handler_class()
+        except Exception as e:
+            raise ConfigError(f"{where}: {step.handler}() raised {type(e).__name__}: {e}") from e
+        options: dict[str, Any] = {}
+        if step.handle_condition is not None:
+            condition = import_object(step.handle_condition, f"steps[{index}].handle_condition")
+            if not callable(condition):
+                raise ConfigError(f"steps[{index}].handle_condition: {step.handle_condition!r} is not callable")
+            options["handle_condition"] = condition
+        steps.append(
+            FlowStep(
+                handler,
+                nprocs=step.nprocs,
+                batch_size=step.batch_size,
+                batch_timeout=step.batch_timeout,
+                name=step.name,
+                **options,
+            )
+        )
+    return Flow(*steps, queue_size=settings.queue_size, queue_priorities=settings.queue_priorities)

@@ -1,0 +1,208 @@
+"""The serving pod's configuration: a YAML file, then ``AQUEDUCT_*`` environment overrides, then JSON Schema.
+
+The file format is ``config.schema.json`` (the operator renders ConfigMaps against the same schema).
+An environment variable ``AQUEDUCT_<KEY>[__<KEY>...]`` replaces one value: keys are matched
+case-insensitively, a key under ``STEPS`` names a step (``-`` may be written ``_``) or gives its index,
+and the value is parsed as a YAML scalar (``32`` is an int, ``null`` is None, ``0.5`` a float).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+ENV_PREFIX = "AQUEDUCT_"
+SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A declared input or output tensor (OIP model metadata); ``-1`` in ``shape`` matches any size."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """One flow step: its handler (``"package.module:ClassName"``), worker count and batching."""
+
+    name: str
+    handler: str
+    nprocs: int = 1
+    batch_size: int = 1
+    batch_timeout: float = 0.0
+    handle_condition: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """HTTP server options."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_body_bytes: int = 64 * 1024 * 1024
+    graceful_timeout: float = 30.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one serving pod (one model, one flow)."""
+
+    name: str
+    steps: tuple[StepSettings, ...]
+    platform: str = "aqueduct"
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    queue_size: int | None = None
+    queue_priorities: int = 1
+    timeout: float = 5.0
+    start_timeout: float | None = None
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+
+@cache
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of the configuration file."""
+    with SCHEMA_PATH.open(encoding="utf-8") as f:
+        schema: dict[str, Any] = json.load(f)
+    return schema
+
+
+def load_settings(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML file at ``path``, apply ``AQUEDUCT_*`` overrides from ``environ``, validate.
+
+    Raises:
+        ConfigError: the file is unreadable or invalid; the message names the field.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {os.fspath(path)!r} is not valid YAML: {e}") from e
+    return parse_settings(raw, os.environ if environ is None else environ)
+
+
+def parse_settings(raw: Any, environ: Mapping[str, str]) -> Settings:
+    """Apply ``AQUEDUCT_*`` overrides from ``environ`` to the parsed document ``raw`` and validate it."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    sources = _apply_env_overrides(raw, environ)
+    _validate(raw, sources)
+    return _to_settings(raw)
+
+
+def field_path(path: Any) -> str:
+    """Render a jsonschema error path as ``steps[0].batch_size``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "config"
+
+
+def _apply_env_overrides(doc: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Set each ``AQUEDUCT_A__B`` value into ``doc``; return {field path: env var} for error messages."""
+    sources: dict[str, str] = {}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX:
+            continue
+        keys = var[len(ENV_PREFIX) :].lower().split("__")
+        try:
+            value = yaml.safe_load(environ[var])
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{var}: value is not a YAML scalar: {e}") from e
+        path = _set_path(doc, keys, value, var)
+        sources[field_path(path)] = var
+    return sources
+
+
+def _set_path(doc: dict[str, Any], keys: list[str], value: Any, var: str) -> list[str | int]:
+    node: Any = doc
+    path: list[str | int] = []
+    for i, key in enumerate(keys):
+        if not key:
+            raise ConfigError(f"{var}: empty key in the variable name")
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            index = _step_index(node, key, var)
+            path.append(index)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{var}: {field_path(path)} is not a mapping")
+        path.append(key)
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
+    return path
+
+
+def _step_index(items: list[Any], key: str, var: str) -> int:
+    if key.isdigit():
+        if int(key) < len(items):
+            return int(key)
+        raise ConfigError(f"{var}: index {key} is out of range (the list has {len(items)} items)")
+    wanted = key.replace("-", "_")
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and str(item.get("name", "")).lower().replace("-", "_") == wanted:
+            return index
+    raise ConfigError(f"{var}: no step named {key!r}")
+
+
+def _validate(doc: dict[str, Any], sources: dict[str, str]) -> None:
+    validator = jsonschema.Draft202012Validator(config_schema())
+    errors = sorted(validator.iter_errors(doc), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        lines = []
+        for error in errors:
+            where = field_path(error.absolute_path)
+            origin = f" (from {sources[where]})" if where in sources else ""
+            lines.append(f"{where}: {error.message}{origin}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    names = [step["name"] for step in doc["steps"]]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError(f"steps[{index}].name: {name!r} is used by an earlier step")
+    if len({n.replace("-", "_") for n in names}) != len(names):
+        raise ConfigError(
+            "steps: two step names differ only in '-' versus '_'; env overrides could not tell them apart"
+        )
+
+
+def _tensors(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in items)
+
+
+def _to_settings(doc: dict[str, Any]) -> Settings:
+    steps = tuple(StepSettings(**step) for step in doc["steps"])
+    server = ServerSettings(**doc.get("server", {}))
+    top = {k: v for k, v in doc.items() if k not in ("version", "steps", "server", "inputs", "outputs")}
+    return Settings(
+        steps=steps,
+        server=server,
+        inputs=_tensors(doc.get("inputs", [])),
+        outputs=_tensors(doc.get("outputs", [])),
+        **top,
+    )

@@ -1,0 +1,111 @@
+"""Contract layer: the CRD's step schema and the serving pod's config schema agree; rendered configs validate.
+
+The serving pod (``aqueduct_service``) reads exactly the file the operator renders; the two sides
+describe the same fields in camelCase (CRD) and snake_case (config.schema.json). This test keeps them in
+lock-step without either side importing the other.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from aqueduct_operator.render import desired_objects
+from hypothesis import HealthCheck, given, settings
+
+from tests.operator import crd
+from tests.operator.strategies import pipelines
+
+COMPARED = ("minimum", "maximum", "pattern", "maxLength", "minLength", "default")
+
+
+def snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def crd_step() -> dict[str, Any]:
+    return crd.openapi_schema()["properties"]["spec"]["properties"]["steps"]["items"]
+
+
+def config_step() -> dict[str, Any]:
+    return crd.config_schema()["$defs"]["step"]
+
+
+def types(schema: dict[str, Any]) -> set[str]:
+    kind = schema.get("type")
+    found = set(kind) if isinstance(kind, list) else {kind}
+    if schema.get("nullable"):
+        found.add("null")
+    return found
+
+
+def test_same_fields_and_required() -> None:
+    crd_fields = {snake(name) for name in crd_step()["properties"]}
+    assert crd_fields == set(config_step()["properties"])
+    assert {snake(name) for name in crd_step()["required"]} == set(config_step()["required"])
+
+
+@pytest.mark.parametrize("field", sorted(crd_step()["properties"]))
+def test_field_constraints_agree(field: str) -> None:
+    ours, theirs = crd_step()["properties"][field], config_step()["properties"][snake(field)]
+    assert types(ours) == types(theirs), field
+    for key in COMPARED:
+        if key == "maxLength" and key not in theirs:
+            continue  # the CRD bounds strings for CEL cost estimation; the pod need not
+        assert ours.get(key) == theirs.get(key), f"{field}.{key}: CRD {ours.get(key)!r} != config {theirs.get(key)!r}"
+
+
+def test_top_level_constraints_agree() -> None:
+    spec = crd.openapi_schema()["properties"]["spec"]["properties"]
+    config = crd.config_schema()["properties"]
+    tensor = crd.config_schema()["$defs"]["tensor"]
+    pairs = [
+        (spec["queue"]["properties"]["size"], config["queue_size"]),
+        (spec["queue"]["properties"]["priorities"], config["queue_priorities"]),
+        (spec["server"]["properties"]["logLevel"], config["server"]["properties"]["log_level"]),
+        (spec["server"]["properties"]["maxBodyBytes"], config["server"]["properties"]["max_body_bytes"]),
+        (spec["inputs"]["items"]["properties"]["datatype"], tensor["properties"]["datatype"]),
+    ]
+    for ours, theirs in pairs:
+        assert ours.get("minimum") == theirs.get("minimum")
+        assert ours.get("maximum") == theirs.get("maximum")
+        assert ours.get("enum") == theirs.get("enum")
+    # timeout: OpenAPI v3.0 boolean exclusiveMinimum vs JSON Schema 2020-12 numeric exclusiveMinimum
+    assert spec["timeout"]["exclusiveMinimum"] is True
+    assert spec["timeout"]["minimum"] == config["timeout"]["exclusiveMinimum"]
+    assert spec["timeout"]["default"] == config["timeout"]["default"]
+
+
+def validate_config(body: dict[str, Any]) -> dict[str, Any]:
+    cm = next(obj for obj in desired_objects(body) if obj["kind"] == "ConfigMap")
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    jsonschema.Draft202012Validator(crd.config_schema()).validate(config)
+    return config
+
+
+@pytest.mark.parametrize("path", [crd.EXAMPLES / "pipeline.yaml",
+                                  *sorted((crd.EXAMPLES / "pipelines").glob("[!i]*.yaml"))], ids=lambda p: p.name)
+def test_example_configs_validate(path: Any) -> None:
+    body = crd.load_yaml(path)
+    body["metadata"].update(namespace="default", uid="u")
+    validate_config(body)
+
+
+def test_example_matches_the_catdetector_config() -> None:
+    body = crd.load_yaml(crd.EXAMPLES / "pipeline.yaml")
+    body["metadata"].update(namespace="default", uid="u")
+    ours = validate_config(body)
+    theirs = crd.load_yaml(crd.EXAMPLES / "catdetector/pipeline.yaml")
+    for key in ("name", "handler", "batch_size"):
+        assert ours["steps"][0][key] == theirs["steps"][0][key], key
+    for key in ("name", "inputs", "outputs", "queue_size", "timeout"):
+        assert ours[key] == theirs[key], key
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pipelines())
+def test_any_valid_pipeline_renders_a_valid_config(body: dict[str, Any]) -> None:
+    validate_config(body)

@@ -1,0 +1,80 @@
+"""Hypothesis strategies for valid Pipeline objects (as a user could write them, camelCase)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import strategies as st
+
+IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True)
+CLASS = st.from_regex(r"[A-Z][A-Za-z0-9_]{0,10}", fullmatch=True)
+STEP_NAME = st.from_regex(r"[a-z0-9]([-a-z0-9_]{0,8}[a-z0-9])?", fullmatch=True)
+PIPELINE_NAME = st.from_regex(r"[a-z]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True)
+REF = st.builds(lambda mods, cls: ".".join(mods) + ":" + cls, st.lists(IDENT, min_size=1, max_size=3), CLASS)
+QUANTITY = st.one_of(
+    st.integers(1, 64),
+    st.sampled_from(["100m", "500m", "1", "2", "0.5", "128Mi", "1Gi", "2G", "1.5Gi"]),
+)
+
+
+@st.composite
+def steps(draw: st.DrawFn) -> list[dict[str, Any]]:
+    names = draw(st.lists(STEP_NAME, min_size=1, max_size=4, unique=True))
+    result = []
+    for name in names:
+        step: dict[str, Any] = {"name": name, "handler": draw(REF)}
+        if draw(st.booleans()):
+            step["nprocs"] = draw(st.integers(1, 64))
+        if draw(st.booleans()):
+            step["batchSize"] = draw(st.integers(1, 4096))
+        if draw(st.booleans()):
+            step["batchTimeout"] = draw(st.one_of(st.integers(0, 2), st.floats(0, 2.5, allow_nan=False)))
+        if draw(st.booleans()):
+            step["handleCondition"] = draw(REF)
+        result.append(step)
+    return result
+
+
+@st.composite
+def pipelines(draw: st.DrawFn) -> dict[str, Any]:
+    spec: dict[str, Any] = {"image": draw(st.sampled_from(["aqueduct:dev", "registry.example.com/a/b:1.2"])),
+                            "steps": draw(steps())}
+    if draw(st.booleans()):
+        spec["replicas"] = draw(st.integers(0, 20))
+    if draw(st.booleans()):
+        queue: dict[str, Any] = {}
+        if draw(st.booleans()):
+            queue["size"] = draw(st.integers(1, 100_000))
+        if draw(st.booleans()):
+            queue["priorities"] = draw(st.integers(1, 16))
+        spec["queue"] = queue
+    if draw(st.booleans()):
+        spec["timeout"] = draw(st.floats(3, 600, allow_nan=False))
+    if draw(st.booleans()):
+        spec["startTimeout"] = draw(st.floats(0.5, 3600, allow_nan=False))
+    if draw(st.booleans()):
+        spec["server"] = {
+            "logLevel": draw(st.sampled_from(["critical", "error", "warning", "info", "debug"])),
+            "gracefulTimeout": draw(st.floats(0, 300, allow_nan=False)),
+            "maxBodyBytes": draw(st.integers(1024, 2**31)),
+        }
+    if draw(st.booleans()):
+        gpus = draw(st.integers(1, 8))
+        spec["resources"] = {
+            "limits": {"memory": draw(QUANTITY), "nvidia.com/gpu": gpus},
+            "requests": {"cpu": draw(QUANTITY), "nvidia.com/gpu": gpus},
+        }
+    if draw(st.booleans()):
+        spec["env"] = [{"name": f"VAR_{i}", "value": draw(st.text(max_size=5))} for i in range(draw(st.integers(1, 3)))]
+    if draw(st.booleans()):
+        spec["nodeSelector"] = {"kubernetes.io/arch": "amd64"}
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if draw(st.booleans()):
+        spec["imagePullSecrets"] = [{"name": "regcred"}]
+    return {
+        "apiVersion": "aqueduct.dev/v1alpha1",
+        "kind": "Pipeline",
+        "metadata": {"name": draw(PIPELINE_NAME), "namespace": draw(st.sampled_from(["default", "ml-team"])),
+                     "uid": "0b9c8f4e-1111-4222-8333-444455556666", "generation": draw(st.integers(1, 5))},
+        "spec": spec,
+    }

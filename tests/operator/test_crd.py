@@ -1,0 +1,87 @@
+"""Unit layer: the CRD itself, and example Pipelines against its openAPIV3Schema (jsonschema)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from aqueduct_operator import GROUP, KIND, PLURAL, VERSION
+from aqueduct_operator.spec import InvalidSpec, parse
+
+from tests.operator import crd
+
+VALID = sorted(p for p in (crd.EXAMPLES / "pipelines").glob("*.yaml") if not p.name.startswith("invalid-"))
+INVALID = sorted((crd.EXAMPLES / "pipelines").glob("invalid-*.yaml"))
+
+
+def test_crd_identity_matches_the_operator() -> None:
+    doc = crd.crd()
+    assert doc["metadata"]["name"] == f"{PLURAL}.{GROUP}"
+    names = doc["spec"]["names"]
+    assert (doc["spec"]["group"], names["kind"], names["plural"]) == (GROUP, KIND, PLURAL)
+    assert doc["spec"]["scope"] == "Namespaced" and "pl" in names["shortNames"]
+    version = crd.version()
+    assert version["name"] == VERSION and version["served"] and version["storage"]
+    assert version["subresources"]["status"] == {}
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert {"Ready", "Replicas", "URL", "Age"} <= set(columns)
+
+
+def test_schema_is_structural() -> None:
+    """Every node has a type (or int-or-string / preserve-unknown-fields), as the API server requires."""
+    def walk(node: dict, path: str) -> None:
+        assert "type" in node or node.get("x-kubernetes-int-or-string") or node.get(
+            "x-kubernetes-preserve-unknown-fields"), path
+        for key, child in (node.get("properties") or {}).items():
+            walk(child, f"{path}.{key}")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[]")
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"], f"{path}.*")
+    walk(crd.openapi_schema(), "")
+
+
+def test_schema_has_cel_rules_for_unique_names() -> None:
+    spec = crd.openapi_schema()["properties"]["spec"]
+    rules = [v["rule"] for v in spec["x-kubernetes-validations"]]
+    assert any("exists_one" in rule and "steps" in rule for rule in rules)
+
+
+@pytest.mark.parametrize("path", [crd.EXAMPLES / "pipeline.yaml", *VALID], ids=lambda p: p.name)
+def test_valid_examples_pass_schema_and_operator(path: pathlib.Path) -> None:
+    body = crd.load_yaml(path)
+    assert crd.errors(body) == []
+    parse(body)
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.name)
+def test_invalid_examples_are_rejected(path: pathlib.Path) -> None:
+    """Each invalid example is rejected by the schema at apply time, or by the operator (InvalidSpec)."""
+    body = crd.load_yaml(path)
+    schema_errors = crd.errors(body)
+    try:
+        parse(body)
+        operator_error = None
+    except InvalidSpec as e:
+        operator_error = e
+    assert schema_errors or operator_error
+    if "only the operator can tell" in path.read_text():
+        assert not schema_errors and operator_error is not None
+
+
+@pytest.mark.parametrize(("patch", "where"), [
+    ({"replicas": -1}, "spec.replicas"),
+    ({"replicas": "two"}, "spec.replicas"),
+    ({"timeout": 0}, "spec.timeout"),
+    ({"queue": {"priorities": 17}}, "spec.queue.priorities"),
+    ({"server": {"logLevel": "loud"}}, "spec.server.logLevel"),
+    ({"imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy"),
+    ({"bogus": 1}, "spec"),
+    ({"resources": {"limits": {"memory": "lots"}}}, "spec.resources.limits.memory"),
+    ({"steps": [{"name": "a", "handler": "m:C", "batchTimeout": 61}]}, "spec.steps.0.batchTimeout"),
+])
+def test_schema_rejections(patch: dict, where: str) -> None:
+    body = crd.load_yaml(crd.EXAMPLES / "pipeline.yaml")
+    body["spec"].update(patch)
+    assert any(e.startswith(where) for e in crd.errors(body)), crd.errors(body)

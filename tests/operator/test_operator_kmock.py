@@ -1,0 +1,227 @@
+"""Integration layer: the real kopf operator against kmock (KubeShim)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import yaml
+from aqueduct_operator import GROUP, PLURAL, VERSION
+from aqueduct_operator.apply import Cluster, reconcile
+
+from tests.operator import crd
+from tests.operator.conftest import Kube, OperatorThread, wait_for
+
+NS = "default"
+
+
+def pipeline(name: str = "catdetector", **spec: Any) -> dict[str, Any]:
+    body = crd.load_yaml(crd.EXAMPLES / "pipeline.yaml")
+    body["metadata"] = {"name": name, "namespace": NS}
+    body["spec"].update(spec)
+    return body
+
+
+def get_pipeline(kube: Kube, name: str) -> dict[str, Any]:
+    return kube.custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, name)
+
+
+def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in (body.get("status") or {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def read(kube: Kube, kind: str, name: str) -> dict[str, Any] | None:
+    return Cluster(kube.api).get(kind, NS, name)
+
+
+async def create(kube: Kube, body: dict[str, Any]) -> dict[str, Any]:
+    return await asyncio.to_thread(kube.custom.create_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, body)
+
+
+async def test_pipeline_becomes_a_ready_serving_deployment(kube: Kube, operator: OperatorThread) -> None:
+    created = await create(kube, pipeline())
+    assert created["metadata"]["uid"]
+    uid = created["metadata"]["uid"]
+
+    dep = await wait_for(lambda: read(kube, "Deployment", "catdetector"), what="the Deployment")
+    cm = await wait_for(lambda: read(kube, "ConfigMap", "catdetector-config"), what="the ConfigMap")
+    svc = await wait_for(lambda: read(kube, "Service", "catdetector"), what="the Service")
+    for obj in (dep, cm, svc):
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner["uid"] == uid and owner["kind"] == "Pipeline" and owner["controller"] is True
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    assert config["steps"][0]["batch_size"] == 20
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "aqueduct:dev"
+
+    body = await wait_for(lambda: (b := get_pipeline(kube, "catdetector")).get("status", {}).get("conditions") and b,
+                          what="a status")
+    assert body["status"]["observedGeneration"] == 1
+    assert condition(body, "Ready")["status"] == "False"
+    assert body["status"]["url"] == "http://catdetector.default.svc.cluster.local:8080/v2/models/catdetector"
+
+    # The deployment controller's part: the pods come up.
+    generation = dep["metadata"]["generation"]
+    await asyncio.to_thread(
+        kube.apps.patch_namespaced_deployment_status, "catdetector", NS,
+        {"status": {"observedGeneration": generation, "replicas": 1, "readyReplicas": 1, "availableReplicas": 1,
+                    "updatedReplicas": 1}},
+        _content_type="application/merge-patch+json",
+    )
+    body = await wait_for(lambda: condition(b := get_pipeline(kube, "catdetector"), "Ready").get("status") == "True"
+                          and b, what="Ready=True")
+    assert body["status"]["readyReplicas"] == 1 and body["status"]["replicas"] == 1
+    assert condition(body, "Progressing")["status"] == "False"
+    assert condition(body, "Degraded")["status"] == "False"
+    for c in body["status"]["conditions"]:
+        assert set(c) == {"type", "status", "observedGeneration", "lastTransitionTime", "reason", "message"}
+
+    # Changing batchSize rewrites the config and rolls the pods (new checksum), and bumps observedGeneration.
+    old_checksum = dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    steps = copy.deepcopy(body["spec"]["steps"])
+    steps[0]["batchSize"] = 32
+    await asyncio.to_thread(
+        kube.custom.patch_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, "catdetector",
+        {"spec": {"steps": steps}}, _content_type="application/merge-patch+json",
+    )
+    dep = await wait_for(
+        lambda: (d := read(kube, "Deployment", "catdetector"))
+        and d["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != old_checksum and d,
+        what="a rolled pod template",
+    )
+    cm = await asyncio.to_thread(read, kube, "ConfigMap", "catdetector-config")
+    assert cm is not None and yaml.safe_load(cm["data"]["config.yaml"])["steps"][0]["batch_size"] == 32
+    await wait_for(lambda: get_pipeline(kube, "catdetector")["status"]["observedGeneration"] == 2,
+                   what="observedGeneration 2")
+
+    # Events were posted about the Pipeline.
+    events = await wait_for(lambda: [e for e in kube.core.list_namespaced_event(NS).items
+                                     if e.involved_object.name == "catdetector" and e.reason == "Ready"],
+                            what="a Ready event")
+    assert events[0].involved_object.kind == "Pipeline"
+
+
+async def test_reconcile_is_idempotent(kube: Kube, operator: OperatorThread) -> None:
+    await create(kube, pipeline())
+    await wait_for(lambda: get_pipeline(kube, "catdetector").get("status", {}).get("url"), what="status.url")
+    await wait_for(lambda: read(kube, "Service", "catdetector"), what="the Service")
+    # Quiesce: the operator's own writes have settled when a direct reconcile writes nothing.
+    cluster = Cluster(kube.api)
+    events: list[tuple[str, str, str]] = []
+
+    def writes() -> list[str]:
+        return [f"{r.method.value} {r.url.path}" for r in kube.shim.requests if r.method.value != "GET"]
+
+    def quiet_reconcile() -> bool:
+        before = len(writes())
+        reconcile(cluster, NS, "catdetector", lambda *e: events.append(e))
+        return len(writes()) == before
+
+    await wait_for(quiet_reconcile, what="a reconcile that changes nothing")
+    before = writes()
+    for _ in range(3):
+        await asyncio.to_thread(reconcile, cluster, NS, "catdetector", lambda *e: events.append(e))
+    assert writes() == before
+
+
+async def ready_pipeline(kube: Kube, name: str = "catdetector") -> dict[str, Any]:
+    await create(kube, pipeline(name))
+    await wait_for(lambda: get_pipeline(kube, name).get("status", {}).get("url"), what="status.url")
+    return await wait_for(lambda: read(kube, "Service", name), what="the Service")
+
+
+async def test_drift_is_repaired(kube: Kube, operator: OperatorThread) -> None:
+    await ready_pipeline(kube)
+    dep = await asyncio.to_thread(read, kube, "Deployment", "catdetector")
+    assert dep is not None
+
+    # A deleted Deployment comes back (a new object: new uid).
+    await asyncio.to_thread(kube.apps.delete_namespaced_deployment, "catdetector", NS)
+    again = await wait_for(lambda: (d := read(kube, "Deployment", "catdetector"))
+                           and d["metadata"]["uid"] != dep["metadata"]["uid"] and d, what="a recreated Deployment")
+    assert again["spec"]["template"] == {**again["spec"]["template"]}  # same shape, rendered anew
+    assert again["spec"]["template"]["metadata"]["annotations"]["checksum/config"] == \
+        dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    # A hand-edited ConfigMap is put back.
+    cm = await asyncio.to_thread(read, kube, "ConfigMap", "catdetector-config")
+    assert cm is not None
+    await asyncio.to_thread(
+        kube.core.patch_namespaced_config_map, "catdetector-config", NS,
+        {"data": {"config.yaml": "version: 1\nname: hacked\n"}}, _content_type="application/merge-patch+json",
+    )
+    await wait_for(lambda: read(kube, "ConfigMap", "catdetector-config")["data"] == cm["data"],
+                   what="the ConfigMap restored")
+
+    # A hand-edited Deployment (replicas, image) is put back.
+    await asyncio.to_thread(
+        kube.apps.patch_namespaced_deployment, "catdetector", NS,
+        [{"op": "replace", "path": "/spec/replicas", "value": 5},
+         {"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": "evil:latest"}],
+        _content_type="application/json-patch+json",
+    )
+    await wait_for(lambda: (d := read(kube, "Deployment", "catdetector"))["spec"]["replicas"] == 1
+                   and d["spec"]["template"]["spec"]["containers"][0]["image"] == "aqueduct:dev",
+                   what="the Deployment restored")
+
+
+async def test_deleting_the_pipeline_deletes_its_children(kube: Kube, operator: OperatorThread) -> None:
+    await ready_pipeline(kube)
+    await asyncio.to_thread(kube.custom.delete_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, "catdetector")
+    # kmock has no garbage collector: the shim stands in for it, following the ownerReferences.
+    await wait_for(lambda: all(read(kube, kind, name) is None for kind, name in
+                               [("Deployment", "catdetector"), ("Service", "catdetector"),
+                                ("ConfigMap", "catdetector-config")]), what="children gone")
+    assert operator.thread.is_alive()
+
+
+async def test_invalid_spec_reports_without_crashing(kube: Kube, operator: OperatorThread) -> None:
+    bad = pipeline("bad")
+    bad["spec"]["steps"][0]["handler"] = "examples/catdetector/model.py"  # kmock does not validate the schema
+    await create(kube, bad)
+    body = await wait_for(lambda: condition(b := get_pipeline(kube, "bad"), "Ready").get("reason") == "InvalidSpec"
+                          and b, what="Ready=False InvalidSpec")
+    ready = condition(body, "Ready")
+    assert ready["status"] == "False" and "spec.steps[0].handler" in ready["message"]
+    assert condition(body, "Degraded")["status"] == "True"
+    events = await wait_for(lambda: [e for e in kube.core.list_namespaced_event(NS).items
+                                     if e.involved_object.name == "bad" and e.reason == "InvalidSpec"],
+                            what="an InvalidSpec event")
+    assert events[0].type == "Warning" and "spec.steps[0].handler" in events[0].message
+    assert await asyncio.to_thread(read, kube, "Deployment", "bad") is None
+
+    # Fixing the spec heals it.
+    good = copy.deepcopy(bad["spec"]["steps"])
+    good[0]["handler"] = "examples.catdetector.model:CatDetectorHandler"
+    await asyncio.to_thread(
+        kube.custom.patch_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, "bad",
+        {"spec": {"steps": good}}, _content_type="application/merge-patch+json",
+    )
+    await wait_for(lambda: read(kube, "Deployment", "bad"), what="the Deployment after the fix")
+    await wait_for(lambda: condition(get_pipeline(kube, "bad"), "Ready").get("reason") == "ReplicasNotReady",
+                   what="InvalidSpec cleared")
+
+
+async def test_operator_survives_a_flood_of_bad_pipelines(kube: Kube, operator: OperatorThread) -> None:
+    names = [f"bad-{i}" for i in range(25)]
+    for i, name in enumerate(names):
+        body = pipeline(name)
+        body["spec"]["steps"][0]["batchSize"] = -i  # or worse:
+        if i % 3 == 1:
+            body["spec"]["steps"] = "not a list"
+        if i % 3 == 2:
+            body["spec"] = {"image": 42}
+        await create(kube, body)
+    await create(kube, pipeline("good"))
+
+    def all_reported() -> bool:
+        return all(condition(get_pipeline(kube, n), "Ready").get("reason") == "InvalidSpec" for n in names)
+
+    await wait_for(all_reported, timeout=40, what="every bad Pipeline reported InvalidSpec")
+    await wait_for(lambda: read(kube, "Deployment", "good"), what="the good Pipeline served despite the flood")
+    assert operator.thread.is_alive()
+    # No retry loop: each bad Pipeline's status was written once.
+    status_writes = [r for r in kube.shim.requests if r.method.value == "PATCH" and r.url.path.endswith("/status")
+                     and "/pipelines/bad-" in r.url.path]
+    assert len(status_writes) == len(names)

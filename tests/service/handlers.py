@@ -1,0 +1,39 @@
+"""Handlers the service tests serve (imported by the server subprocess as ``tests.service.handlers:...``)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+import numpy as np
+from aqueduct_service import InferenceTask
+
+from aqueduct import BaseTaskHandler
+
+POISON = -1
+
+
+class EchoHandler(BaseTaskHandler):
+    """Echoes ``x`` as ``y`` and reports the batch size as ``batch``.
+
+    Controlled per request through OIP parameters: ``sleep`` (seconds this batch takes, the max over its
+    tasks) and ``marker`` (a file to create when the batch starts). An ``x`` holding ``POISON`` makes
+    ``handle`` raise ``ValueError``. ``$TEST_START_SLEEP`` seconds are spent in ``on_start``.
+    """
+
+    def on_start(self) -> None:
+        time.sleep(float(os.environ.get("TEST_START_SLEEP", "0")))
+
+    def handle(self, *tasks: InferenceTask) -> None:
+        for task in tasks:
+            marker = task.parameters.get("marker")
+            if marker:
+                pathlib.Path(marker).touch()
+        time.sleep(max(float(task.parameters.get("sleep", 0)) for task in tasks))
+        for task in tasks:
+            if (task.inputs["x"] == POISON).any():
+                raise ValueError(f"poisoned input in task {task.task_id}")
+        for task in tasks:
+            task.outputs["y"] = task.inputs["x"]
+            task.outputs["batch"] = np.array([len(tasks)], dtype=np.int32)
