@@ -517,6 +517,8 @@ class Flow:
                     if now < due:
                         self._wake_at(rt, due)
                         break
+                if not held and rt.adaptive is not None:
+                    rt.adaptive.dispatched(rt.waiting)
                 batch = self._take(rt, size)
                 if batch:
                     batches.append(batch)

@@ -6,6 +6,11 @@ A free worker with a partial batch then waits until the earliest of: the batch w
 current arrival rate; the oldest task would miss ``target`` if the batch gathered by then were
 handled after the wait. It does not wait at all when less than one more task is expected in that time, so a
 quiet step answers at once and a busy one batches.
+
+Arrival rates mislead with closed-loop callers (each waits for its answer before sending the next
+task): waiting then brings nothing however high the rate looks. So the window also checks what its
+waits really gained; when recent waits gathered less than one task on average it stops waiting,
+and tries again once every ``_PROBE_EVERY`` batches.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ _RATE_TAU_S = 0.5
 _SAMPLES = 64
 #: Plan for this share of the target: timers, scheduling and the cost model are not exact.
 _HEADROOM = 0.8
+_PROBE_EVERY = 20
 
 
 class AdaptiveWindow:
@@ -27,6 +33,9 @@ class AdaptiveWindow:
         self._level = 0.0
         self._last_arrival = 0.0
         self._samples: deque[tuple[int, float]] = deque(maxlen=_SAMPLES)
+        self._gain = 1.0  # tasks a wait gathered, recent average
+        self._wait_from: int | None = None  # tasks waiting when the current wait began
+        self._since_probe = 0
 
     def arrived(self, now: float) -> None:
         """Count one task arriving at the step."""
@@ -40,6 +49,15 @@ class AdaptiveWindow:
         if not self._last_arrival:
             return 0.0
         return self._level * math.exp(-(now - self._last_arrival) / _RATE_TAU_S) / _RATE_TAU_S
+
+    def dispatched(self, waiting: int) -> None:
+        """A free worker takes a batch now, with ``waiting`` tasks queued: score the wait that led here."""
+        if self._wait_from is not None:
+            self._gain = 0.8 * self._gain + 0.2 * (waiting - self._wait_from)
+            self._wait_from = None
+            self._since_probe = 0
+        else:
+            self._since_probe += 1
 
     def handled(self, size: int, seconds: float) -> None:
         """Record what a batch of ``size`` tasks cost."""
@@ -67,7 +85,7 @@ class AdaptiveWindow:
         target solves that for ``oldest + target``.
         """
         rate = self.rate(now)
-        if rate <= 0:
+        if rate <= 0 or (self._gain < 1.0 and self._since_probe < _PROBE_EVERY and self._wait_from is None):
             return now
         fixed, per_task = self.model()
         latest = (oldest + self.target * _HEADROOM - fixed - per_task * waiting + per_task * rate * now) / (
@@ -75,4 +93,6 @@ class AdaptiveWindow:
         )
         if latest <= now or rate * (latest - now) < 1.0:
             return now
+        if self._wait_from is None:
+            self._wait_from = waiting
         return min(latest, now + (batch_size - waiting) / rate)

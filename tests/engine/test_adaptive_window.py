@@ -65,3 +65,36 @@ async def test_a_flow_with_a_latency_target_batches_a_burst() -> None:
 def test_latency_target_must_be_positive() -> None:
     with pytest.raises(ValueError):
         FlowStep(Recorder(), latency_target=0)
+
+
+def test_waits_that_gather_nothing_stop_until_a_probe() -> None:
+    window = _trained(0.02, 0.001)
+    now = 100.0
+    for i in range(40):
+        window.arrived(now + i * 0.01)
+    now += 0.4
+    assert window.dispatch_at(now=now, oldest=now, waiting=1, batch_size=64) > now  # looks busy: waits
+    window.dispatched(1)  # ... but nothing came during the wait (a closed-loop caller)
+    waited = 0
+    for _ in range(30):
+        if window.dispatch_at(now=now, oldest=now, waiting=1, batch_size=64) > now:
+            waited += 1
+            window.dispatched(1)
+        else:
+            window.dispatched(1)
+    assert waited == 1  # one probe in 30 batches, not a wait per batch
+
+
+async def test_a_closed_loop_caller_is_not_kept_waiting() -> None:
+    flow = Flow(FlowStep(Recorder(), batch_size=16, latency_target=2.0))
+    flow.start()
+    slow = 0
+    try:
+        for i in range(60):  # one caller: each task is sent when the previous one is answered
+            started = asyncio.get_running_loop().time()
+            await flow.process(Task(i), timeout_sec=30)
+            if asyncio.get_running_loop().time() - started > 1.0:
+                slow += 1
+    finally:
+        await flow.stop()
+    assert slow <= 4  # a wait to learn, then a probe every 20 batches; not a 2 s wait per task
