@@ -93,6 +93,7 @@ class AdaptiveWindow:
         )
         if latest <= now or rate * (latest - now) < 1.0:
             return now
+        due = min(latest, now + (batch_size - waiting) / rate)
         if self._wait_from is None:
             self._wait_from = waiting
-        return min(latest, now + (batch_size - waiting) / rate)
+        return due

@@ -114,6 +114,7 @@ def serving_config(spec: PipelineSpec) -> dict[str, Any]:
                 "nprocs": step.nprocs,
                 "batch_size": step.batch_size,
                 "batch_timeout": _number(step.batch_timeout),
+                "latency_target": None if step.latency_target is None else _number(step.latency_target),
                 "handle_condition": step.handle_condition,
             }
             for step in spec.steps

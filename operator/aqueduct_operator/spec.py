@@ -34,12 +34,28 @@ TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 # Environment variables the operator sets itself; a user value would break the pod's contract.
 RESERVED_ENV = frozenset({"AQUEDUCT_CONFIG"})
 
-SPEC_FIELDS = frozenset({
-    "image", "imagePullPolicy", "replicas", "steps", "queue", "timeout", "startTimeout", "inputs", "outputs",
-    "server", "resources", "env", "nodeSelector", "tolerations", "imagePullSecrets", "serviceAccountName",
-    "podAnnotations",
-})
-STEP_FIELDS = frozenset({"name", "handler", "nprocs", "batchSize", "batchTimeout", "handleCondition"})
+SPEC_FIELDS = frozenset(
+    {
+        "image",
+        "imagePullPolicy",
+        "replicas",
+        "steps",
+        "queue",
+        "timeout",
+        "startTimeout",
+        "inputs",
+        "outputs",
+        "server",
+        "resources",
+        "env",
+        "nodeSelector",
+        "tolerations",
+        "imagePullSecrets",
+        "serviceAccountName",
+        "podAnnotations",
+    }
+)
+STEP_FIELDS = frozenset({"name", "handler", "nprocs", "batchSize", "batchTimeout", "latencyTarget", "handleCondition"})
 
 
 class InvalidSpec(ValueError):
@@ -58,6 +74,7 @@ class Step:
     nprocs: int = 1
     batch_size: int = 1
     batch_timeout: float = 0.0
+    latency_target: float | None = None
     handle_condition: str | None = None
 
 
@@ -174,15 +191,19 @@ def _step(raw: Any, path: str) -> Step:
     if len(name) > 63 or not STEP_NAME_RE.match(name):
         raise InvalidSpec(f"{path}.name", f"must match {STEP_NAME_RE.pattern} (at most 63 characters), got {name!r}")
     condition = obj.get("handleCondition")
+    latency = obj.get("latencyTarget")
     return Step(
         name=name,
         handler=_import_ref(obj["handler"], f"{path}.handler", "a handler class:ClassName"),
         nprocs=_int(obj.get("nprocs", 1), f"{path}.nprocs", lo=1, hi=64),
         batch_size=_int(obj.get("batchSize", 1), f"{path}.batchSize", lo=1, hi=4096),
         batch_timeout=_number(obj.get("batchTimeout", 0), f"{path}.batchTimeout", lo=0, hi=60),
-        handle_condition=None if condition is None else _import_ref(
-            condition, f"{path}.handleCondition", "a condition function:function"
-        ),
+        latency_target=None
+        if latency is None
+        else _number(latency, f"{path}.latencyTarget", lo=0, hi=60, exclusive_lo=True),
+        handle_condition=None
+        if condition is None
+        else _import_ref(condition, f"{path}.handleCondition", "a condition function:function"),
     )
 
 
@@ -345,9 +366,9 @@ def parse(body: Mapping[str, Any]) -> PipelineSpec:
         queue_size=None if queue.get("size") is None else _int(queue["size"], "spec.queue.size", lo=1),
         queue_priorities=_int(queue.get("priorities", 1), "spec.queue.priorities", lo=1, hi=16),
         timeout=timeout,
-        start_timeout=None if start_timeout is None else _number(
-            start_timeout, "spec.startTimeout", lo=0, exclusive_lo=True
-        ),
+        start_timeout=None
+        if start_timeout is None
+        else _number(start_timeout, "spec.startTimeout", lo=0, exclusive_lo=True),
         inputs=tuple(
             _tensor(t, f"spec.inputs[{i}]") for i, t in enumerate(_list(spec.get("inputs", []), "spec.inputs"))
         ),
@@ -355,9 +376,9 @@ def parse(body: Mapping[str, Any]) -> PipelineSpec:
             _tensor(t, f"spec.outputs[{i}]") for i, t in enumerate(_list(spec.get("outputs", []), "spec.outputs"))
         ),
         log_level=log_level,
-        max_body_bytes=None if server.get("maxBodyBytes") is None else _int(
-            server["maxBodyBytes"], "spec.server.maxBodyBytes", lo=1024
-        ),
+        max_body_bytes=None
+        if server.get("maxBodyBytes") is None
+        else _int(server["maxBodyBytes"], "spec.server.maxBodyBytes", lo=1024),
         graceful_timeout=_number(server.get("gracefulTimeout", 30), "spec.server.gracefulTimeout", lo=0, hi=3600),
         resources=_resources(spec.get("resources") or {}, "spec.resources"),
         env=_env(spec.get("env", []), "spec.env"),

@@ -276,6 +276,7 @@ def _model_metadata(settings: Settings) -> dict[str, Any]:
                     "nprocs": step.nprocs,
                     "batch_size": step.batch_size,
                     "batch_timeout": step.batch_timeout,
+                    "latency_target": step.latency_target,
                     "handle_condition": step.handle_condition,
                 }
                 for step in settings.steps

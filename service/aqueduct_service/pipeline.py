@@ -52,6 +52,7 @@ def build_flow(settings: Settings) -> Flow:
                 nprocs=step.nprocs,
                 batch_size=step.batch_size,
                 batch_timeout=step.batch_timeout,
+                latency_target=step.latency_target,
                 name=step.name,
                 **options,
             )

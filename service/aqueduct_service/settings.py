@@ -45,6 +45,7 @@ class StepSettings:
     nprocs: int = 1
     batch_size: int = 1
     batch_timeout: float = 0.0
+    latency_target: float | None = None
     handle_condition: str | None = None
 
 

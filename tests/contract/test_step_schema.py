@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from tests.operator import crd
 from tests.operator.strategies import pipelines
 
-COMPARED = ("minimum", "maximum", "pattern", "maxLength", "minLength", "default")
+COMPARED = ("minimum", "exclusiveMinimum", "maximum", "pattern", "maxLength", "minLength", "default")
 
 
 def snake(name: str) -> str:
@@ -42,6 +42,14 @@ def types(schema: dict[str, Any]) -> set[str]:
     return found
 
 
+def bounds(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema's keywords, with OpenAPI 3.0's boolean exclusiveMinimum written as JSON Schema's number."""
+    schema = dict(schema)
+    if schema.get("exclusiveMinimum") is True:
+        schema["exclusiveMinimum"] = schema.pop("minimum")
+    return schema
+
+
 def test_same_fields_and_required() -> None:
     crd_fields = {snake(name) for name in crd_step()["properties"]}
     assert crd_fields == set(config_step()["properties"])
@@ -50,7 +58,7 @@ def test_same_fields_and_required() -> None:
 
 @pytest.mark.parametrize("field", sorted(crd_step()["properties"]))
 def test_field_constraints_agree(field: str) -> None:
-    ours, theirs = crd_step()["properties"][field], config_step()["properties"][snake(field)]
+    ours, theirs = bounds(crd_step()["properties"][field]), config_step()["properties"][snake(field)]
     assert types(ours) == types(theirs), field
     for key in COMPARED:
         if key == "maxLength" and key not in theirs:

@@ -51,10 +51,17 @@ def test_batch_settings_are_injected_into_the_config_file() -> None:
     assert config["version"] == 1 and config["name"] == "catdetector"
     assert config["steps"] == [{
         "name": "detect", "handler": "examples.catdetector.model:CatDetectorHandler", "nprocs": 1,
-        "batch_size": 20, "batch_timeout": 0.002, "handle_condition": None,
+        "batch_size": 20, "batch_timeout": 0.002, "latency_target": None, "handle_condition": None,
     }]
     assert config["queue_size"] == 1000 and config["timeout"] == 10
     assert config["server"]["port"] == 8080
+
+
+def test_latency_target_is_injected_into_the_config_file() -> None:
+    pipeline = example()
+    pipeline["spec"]["steps"][0]["latencyTarget"] = 0.15
+    (step,) = config_of(desired_objects(pipeline))["steps"]
+    assert step["latency_target"] == 0.15
 
 
 def test_deployment_pod_contract() -> None:
