@@ -132,6 +132,7 @@ class _Step:
         self.crashes = [0] * step.nprocs
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
+        self.quick = False  # the last batch took under pipes.SPIN_S in handle()
         self.metrics = metrics
         self.max_inflight = 1 + max(1, PREFETCH_TASKS // step.batch_size)
         self.adaptive = AdaptiveWindow(step.latency_target) if step.latency_target else None
@@ -593,6 +594,11 @@ class Flow:
         if payload:
             assert w.writer is not None
             w.writer.write(pipes.pack(("run", payload)))
+            if rt.quick and len(self._inflight) == 1 and w.reader is not None:
+                # A lone task on a fast handler: its answer is due in microseconds, sooner than this
+                # process would wake up from the event loop's sleep, so wait for it here.
+                if pipes.spin_until_readable(w.from_worker, 2 * pipes.SPIN_S):
+                    w.reader.drain()
 
     # ------------------------------------------------------------------ worker events
     def _on_message(self, rt: _Step, w: WorkerProcess, message: Any) -> None:
@@ -636,6 +642,7 @@ class Flow:
                 if metrics:
                     metrics.outcome["expired"].inc()
                 self._fail(entry, TaskTimeoutError())
+        rt.quick = seconds < pipes.SPIN_S
         if handled:
             if metrics:
                 metrics.batch(handled, seconds)

@@ -10,13 +10,28 @@ import asyncio
 import errno
 import os
 import pickle
+import select
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 _HEADER = struct.Struct("<Q")
 _READ_CHUNK = 1 << 20
+#: How long to poll a pipe before sleeping on it. A process that sleeps takes tens of microseconds
+#: to wake up on an idle machine, longer than a no-op round trip takes; polling briefly avoids that.
+SPIN_S = 0.0001
+
+
+def spin_until_readable(fd: int, seconds: float = SPIN_S) -> bool:
+    """Poll ``fd`` for up to ``seconds`` without sleeping; True as soon as it is readable."""
+    deadline = time.perf_counter() + seconds
+    while True:
+        if select.select([fd], [], [], 0)[0]:
+            return True
+        if time.perf_counter() >= deadline:
+            return False
 
 
 def pack(message: Any) -> bytes:

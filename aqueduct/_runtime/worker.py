@@ -75,6 +75,7 @@ class _Worker:
             return
         self.send(("ready",))
         while True:
+            pipes.spin_until_readable(self.in_fd)
             message = pipes.read_blocking(self.in_fd)
             if message is None:  # the parent closed the pipe: stop
                 return
