@@ -594,11 +594,12 @@ class Flow:
         if payload:
             assert w.writer is not None
             w.writer.write(pipes.pack(("run", payload)))
-            if rt.quick and len(self._inflight) == 1 and w.reader is not None:
-                # A lone task on a fast handler: its answer is due in microseconds, sooner than this
-                # process would wake up from the event loop's sleep, so wait for it here.
-                if pipes.spin_until_readable(w.from_worker, 2 * pipes.SPIN_S):
-                    w.reader.drain()
+            # A lone task on a fast handler: its answer is due in microseconds, sooner than this
+            # process would wake up from the event loop's sleep, so wait for it here.
+            lone = rt.quick and len(self._inflight) == 1 and w.reader is not None
+            if lone and pipes.spin_until_readable(w.from_worker, 2 * pipes.SPIN_S):
+                assert w.reader is not None
+                w.reader.drain()
 
     # ------------------------------------------------------------------ worker events
     def _on_message(self, rt: _Step, w: WorkerProcess, message: Any) -> None:
