@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 import weakref
@@ -18,6 +19,24 @@ DEFAULT_PRIORITY = 0
 #: Attributes that belong to the caller's task and are never overwritten by a worker's copy.
 _OWN_FIELDS = frozenset({"task_id", "priority", "expiration_time", "_shared_fields"})
 _SHARE_PREFIX_TEMPLATE = "aqd-task-{pid}"
+
+
+class _TaskIds:
+    """Random version-4 UUIDs without a system call per task: 64 random bits per process, then a counter."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = int.from_bytes(os.urandom(8), "big") << 64
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return str(uuid.UUID(int=self.prefix | (next(self.counter) & 0xFFFF_FFFF_FFFF_FFFF), version=4))
+
+
+_new_task_id = _TaskIds()
 
 
 class BaseTask:
@@ -43,7 +62,7 @@ class BaseTask:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._shared_fields: dict[str, tuple[Any, Segment | None]] = {}
-        self.task_id = str(uuid.uuid4())
+        self.task_id = _new_task_id()
         self.priority = DEFAULT_PRIORITY
 
     def __repr__(self) -> str:
@@ -98,6 +117,8 @@ class BaseTask:
 
     def shared_segments(self) -> dict[str, Segment]:
         """The shared-memory segments made by ``share_value`` that still back a field (internal)."""
+        if not self._shared_fields:
+            return {}
         return {
             seg.name: seg
             for field, (value, seg) in self._shared_fields.items()

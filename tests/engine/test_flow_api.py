@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -315,3 +316,19 @@ def test_spawn_start_method(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "sum 262144.0" in result.stdout
+
+
+def test_task_ids_are_unique_uuids_also_across_forks() -> None:
+    ids = {Task().task_id for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(uuid.UUID(i).version == 4 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, Task().task_id.encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_id = os.read(read, 100).decode()
+    os.close(read)
+    os.close(write)
+    assert child_id not in ids and child_id != Task().task_id
