@@ -160,8 +160,8 @@ class Flow:
         metrics_enabled: record Prometheus metrics in ``metrics_registry``.
         metrics_collector: accepted for upstream compatibility and ignored.
         metrics_exporter: accepted for upstream compatibility and ignored.
-        queue_size: most tasks waiting in the flow (not yet handed to a worker); beyond it
-            ``process()`` raises ``QueueFullError`` at once. ``None``: 1024.
+        queue_size: most tasks waiting in the flow (queued, or held by a worker behind the batch it
+            is handling); beyond it ``process()`` raises ``QueueFullError`` at once. ``None``: 1024.
         queue_priorities: priority levels; a task's ``priority`` (0 .. N-1) picks its queue and
             higher priorities are taken first.
         mp_start_method: ``fork`` (default), ``spawn`` or ``forkserver``.
@@ -210,6 +210,7 @@ class Flow:
         self._rt: list[_Step] = []
         self._prefix = ""
         self._waiting = 0
+        self._prefetch_bound = 0
         self._inflight: set[_Entry] = set()
         self._dirty: list[_Step] = []
         self._batch_ids = itertools.count()
@@ -302,10 +303,10 @@ class Flow:
             raise NotRunningError("Flow is not running")
         loop = self._loop
         assert loop is not None
-        if self._waiting >= self._queue_size and self._purge() >= self._queue_size:
+        if self._waiting + self._prefetch_bound >= self._queue_size and self._queued() >= self._queue_size:
             if self._metrics:
                 self._metrics.flow_outcome["rejected"].inc()
-            raise QueueFullError(f"{self._waiting} tasks are waiting, the flow's queue_size is {self._queue_size}")
+            raise QueueFullError(f"{self._queued()} tasks are waiting, the flow's queue_size is {self._queue_size}")
         task.priority = max(0, min(task.priority, self._queue_priorities - 1))
         task.set_timeout(timeout_sec)
         started = loop.time()
@@ -397,6 +398,8 @@ class Flow:
             _Step(step, i, name, self._queue_priorities, self._metrics.steps[i] if self._metrics else None)
             for i, (step, name) in enumerate(zip(self._steps, self._names, strict=True))
         ]
+        # most tasks workers can hold beyond their current batches: below this margin, no need to count them
+        self._prefetch_bound = sum(rt.step.nprocs * (rt.max_inflight - 1) * rt.step.batch_size for rt in self._rt)
         atexit.register(self._at_exit)
 
     def _spawn_all(self) -> list[tuple[_Step, WorkerProcess]]:
@@ -560,6 +563,17 @@ class Flow:
                     continue
                 batch.append(entry)
         return batch
+
+    def _queued(self) -> int:
+        """Tasks waiting: in the steps' queues, or held by a worker behind the batch it is handling."""
+        prefetched = sum(
+            len(batch)
+            for rt in self._rt
+            for w in rt.workers
+            if w is not None
+            for batch in itertools.islice(w.inflight.values(), 1, None)
+        )
+        return self._purge() + prefetched
 
     def _purge(self) -> int:
         """Drop waiting tasks whose callers gave up (timed out, cancelled); returns tasks still waiting."""

@@ -149,8 +149,10 @@ async def test_a_full_queue_fails_fast() -> None:
     try:
         busy = asyncio.ensure_future(flow.process(Task(0), timeout_sec=30))
         await asyncio.sleep(0.1)  # the worker holds task 0; the next two wait
-        waiting = [asyncio.ensure_future(flow.process(Task(i), timeout_sec=30)) for i in (1, 2)]
-        await asyncio.sleep(0)
+        waiting = []
+        for i in (1, 2):
+            waiting.append(asyncio.ensure_future(flow.process(Task(i), timeout_sec=30)))
+            await asyncio.sleep(0.05)  # handed on to the worker (prefetched), still waiting: they count
         with pytest.raises(QueueFullError):
             await flow.process(Task(3), timeout_sec=30)
         assert await busy and all(await asyncio.gather(*waiting))
