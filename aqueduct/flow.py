@@ -303,10 +303,12 @@ class Flow:
             raise NotRunningError("Flow is not running")
         loop = self._loop
         assert loop is not None
-        if self._waiting + self._prefetch_bound >= self._queue_size and self._queued() >= self._queue_size:
-            if self._metrics:
-                self._metrics.flow_outcome["rejected"].inc()
-            raise QueueFullError(f"{self._queued()} tasks are waiting, the flow's queue_size is {self._queue_size}")
+        if self._waiting + self._prefetch_bound >= self._queue_size:  # near the limit: count exactly
+            queued = self._queued()
+            if queued >= self._queue_size:
+                if self._metrics:
+                    self._metrics.flow_outcome["rejected"].inc()
+                raise QueueFullError(f"{queued} tasks are waiting, the flow's queue_size is {self._queue_size}")
         task.priority = max(0, min(task.priority, self._queue_priorities - 1))
         task.set_timeout(timeout_sec)
         started = loop.time()
