@@ -134,7 +134,9 @@ class _Step:
         self.timer_due = 0.0
         self.quick = False  # the last batch took under pipes.SPIN_S in handle()
         self.metrics = metrics
-        self.max_inflight = 1 + max(1, PREFETCH_TASKS // step.batch_size)
+        # Full batches a worker may hold behind the one it handles. None with priorities: a task that
+        # arrives later with a higher priority must not find lower ones already handed out ahead of it.
+        self.max_inflight = 1 + (max(1, PREFETCH_TASKS // step.batch_size) if priorities == 1 else 0)
         self.adaptive = AdaptiveWindow(step.latency_target) if step.latency_target else None
 
     def dispatch_at(self, now: float) -> float:

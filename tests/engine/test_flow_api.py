@@ -134,6 +134,25 @@ async def test_higher_priority_tasks_are_taken_first(tmp_path: Path) -> None:
     assert order[4:] == ["low0", "low1", "low2"]
 
 
+async def test_a_later_high_priority_task_overtakes_earlier_low_ones(tmp_path: Path) -> None:
+    log = tmp_path / "order.log"
+    flow = Flow(FlowStep(Recorder(log=log, sleep=0.1)), queue_priorities=2)
+    flow.start()
+    try:
+        pending = []
+        for i in range(4):  # low-priority tasks arrive one by one, while the worker is busy
+            pending.append(asyncio.ensure_future(flow.process(Task(f"low{i}"), timeout_sec=30)))
+            await asyncio.sleep(0.01)
+        high = Task("high")
+        high.set_priority(1)
+        await flow.process(high, timeout_sec=30)
+        await asyncio.gather(*pending)
+    finally:
+        await flow.stop()
+    order = log.read_text().split()
+    assert order.index("high") <= 1  # at most the task already being handled goes before it
+
+
 async def test_results_reach_the_callers_task_object() -> None:
     flow = Flow(FlowStep(Doubler()))
     flow.start()
