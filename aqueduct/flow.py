@@ -670,12 +670,21 @@ class Flow:
         self._schedule(rt)
 
     def _on_exit(self, rt: _Step, w: WorkerProcess) -> None:
-        """A worker process ended: fail what it held, clean up, and replace it if the flow runs."""
+        """A worker process ended: fail the batch it was handling, queue again the batches it had not
+        started, clean up, and replace it if the flow runs."""
         w.detach()
-        lost = [entry for batch in w.inflight.values() for entry in batch]
+        batches = list(w.inflight.values())  # in the order the worker takes them
         w.inflight.clear()
         reason = _exit_reason(w.process.exitcode)
-        for entry in lost:
+        for entry in reversed([entry for batch in batches[1:] for entry in batch]):
+            entry.in_worker = False
+            if entry.future.done():
+                self._release(entry)
+            else:
+                rt.queues[entry.priority].appendleft(entry)
+                rt.waiting += 1
+                self._waiting += 1
+        for entry in batches[0] if batches else ():
             entry.in_worker = False
             if rt.metrics:
                 rt.metrics.outcome["lost"].inc()

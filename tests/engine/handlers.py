@@ -87,6 +87,7 @@ class DiesOnValue(Recorder):
 
     def handle(self, *tasks: Task) -> None:
         if any(t.value == "die" for t in tasks):
+            time.sleep(self.sleep)
             os._exit(139)
         super().handle(*tasks)
 

@@ -108,6 +108,23 @@ async def test_a_worker_that_crashes_on_a_task_is_replaced_and_others_are_served
         await flow.stop()
 
 
+async def test_tasks_a_dead_worker_had_not_started_are_served_by_its_replacement() -> None:
+    flow = Flow(FlowStep(DiesOnValue(sleep=0.2)))
+    flow.start()
+    try:
+        doomed = asyncio.ensure_future(flow.process(Task("die"), timeout_sec=30))
+        await asyncio.sleep(0.05)
+        queued = [Task(i) for i in range(3)]  # handed to the worker behind "die" (bs=1 prefetch)
+        pending = [asyncio.ensure_future(flow.process(t, timeout_sec=30)) for t in queued]
+        with pytest.raises(WorkerDiedError):
+            await doomed
+        assert await asyncio.gather(*pending) == [True, True, True]
+        assert [t.result for t in queued] == [0, 1, 2]
+        assert flow.health().steps[0].restarts == 1
+    finally:
+        await flow.stop()
+
+
 async def test_a_crash_looping_worker_is_backed_off() -> None:
     flow = Flow(FlowStep(DiesOnValue()))
     flow.start()
