@@ -9,6 +9,7 @@ segments and unpickles with ``buffers=``, so arrays come out as views of shared 
 
 from __future__ import annotations
 
+import io
 import pickle
 from typing import Any
 
@@ -55,7 +56,29 @@ def encode(obj: Any, segments: dict[str, Segment], prefix: str) -> Encoded:
         refs.append((seg.name, seg.size, 0, nbytes))
         return False
 
-    return pickle.dumps(obj, protocol=5, buffer_callback=out_of_band), refs
+    stream = io.BytesIO()
+    pickler = _SmallArrayPickler(stream, protocol=5, buffer_callback=out_of_band) if not segments else None
+    if pickler is None:
+        return pickle.dumps(obj, protocol=5, buffer_callback=out_of_band), refs
+    pickler.dump(obj)
+    return stream.getvalue(), refs
+
+
+class _SmallArrayPickler(pickle.Pickler):
+    """Pickles small plain numpy arrays as (bytes, dtype, shape): half the cost of numpy's own reduce.
+
+    Used only when no shared segment is known, so an array that lives in shared memory (and must
+    travel by reference) never takes this path; large arrays fall through to the out-of-band path.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is np.ndarray and obj.nbytes < SHM_THRESHOLD and obj.dtype.isbuiltin and obj.flags.c_contiguous:
+            return _small_array, (obj.tobytes(), obj.dtype.str, obj.shape)
+        return NotImplemented
+
+
+def _small_array(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
 def decode(data: bytes, refs: list[BufferRef], segments: dict[str, Segment]) -> Any:

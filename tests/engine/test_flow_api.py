@@ -351,3 +351,27 @@ def test_task_ids_are_unique_uuids_also_across_forks() -> None:
     os.close(read)
     os.close(write)
     assert child_id not in ids and child_id != Task().task_id
+
+
+async def test_small_arrays_of_any_layout_round_trip_writable() -> None:
+    arrays = [
+        np.array([1, 2, 3]),
+        np.zeros((2, 3), dtype=">f4"),
+        np.array(5),
+        np.array([], dtype=np.int16),
+        np.arange(10)[::2],
+        np.zeros((3, 2), order="F"),
+        np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),
+        np.array(["ab", "c"], dtype="S2"),
+    ]
+    flow = Flow(FlowStep(Recorder()))
+    flow.start()
+    try:
+        tasks = [Task(a) for a in arrays]
+        await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks))
+    finally:
+        await flow.stop()
+    for array, task in zip(arrays, tasks, strict=True):
+        assert task.result.dtype == array.dtype and task.result.shape == array.shape
+        np.testing.assert_array_equal(task.result, array)
+        assert task.result.flags.writeable
