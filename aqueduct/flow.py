@@ -139,16 +139,12 @@ class _Step:
         self.max_inflight = 1 + (max(1, PREFETCH_TASKS // step.batch_size) if priorities == 1 else 0)
         self.adaptive = AdaptiveWindow(step.latency_target) if step.latency_target else None
 
-    def dispatch_at(self, now: float, free_since: float) -> float:
-        """When a worker, free since ``free_since``, should take the waiting (fewer than a batch) tasks.
-
-        The fixed window runs from when the worker could first have taken the oldest task (it
-        arrived, and the worker was free), as an upstream worker's wait starts when it takes a task.
-        """
+    def dispatch_at(self, now: float) -> float:
+        """When a free worker should take the waiting (fewer than a batch) tasks."""
         if self.adaptive is not None:
             return self.adaptive.dispatch_at(now, self.oldest(), self.waiting, self.step.batch_size)
         if self.step.batch_timeout:
-            return max(self.oldest(), free_since) + self.step.batch_timeout
+            return self.oldest() + self.step.batch_timeout
         return now
 
     def live_workers(self) -> list[WorkerProcess]:
@@ -525,7 +521,7 @@ class Flow:
                     break
                 if not held and rt.waiting < size:
                     now = time.monotonic()
-                    due = rt.dispatch_at(now, w.free_since)
+                    due = rt.dispatch_at(now)
                     if now < due:
                         self._wake_at(rt, due)
                         break
@@ -639,8 +635,6 @@ class Flow:
         batch = w.inflight.pop(batch_id, None)
         if batch is None:
             return
-        if not w.inflight:
-            w.free_since = time.monotonic()
         handled = 0
         metrics = rt.metrics
         for entry, (status, payload) in zip(batch, outcomes, strict=True):

@@ -35,7 +35,6 @@ class WorkerProcess:
         self.writer: pipes.LoopWriter | None = None
         self.inflight: dict[int, Any] = {}
         self.exited = False
-        self.free_since = 0.0  # when the worker last ran out of batches (0: never had one)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property

@@ -72,23 +72,6 @@ async def test_batch_timeout_waits_for_a_fuller_batch_but_not_longer() -> None:
     assert elapsed < window + 5  # ... and then went with what it had
 
 
-async def test_the_window_starts_when_the_worker_is_free_not_when_the_task_arrived() -> None:
-    flow = Flow(FlowStep(Recorder(sleep=0.6), batch_size=8, batch_timeout=0.3))
-    flow.start()
-    try:
-        first = asyncio.ensure_future(flow.process(Task("first"), timeout_sec=30))
-        await asyncio.sleep(0.4)  # "first" went alone when its window closed; the worker is busy with it
-        early = Task("early")  # waits for the busy worker longer than the window
-        pending = asyncio.ensure_future(flow.process(early, timeout_sec=30))
-        await first  # the worker is free again: its window for "early" starts now
-        late = Task("late")
-        await flow.process(late, timeout_sec=30)
-        await pending
-    finally:
-        await flow.stop()
-    assert early.batch == late.batch == 2
-
-
 async def test_full_batch_does_not_wait_for_the_window() -> None:
     flow = Flow(FlowStep(Recorder(), batch_size=4, batch_timeout=60))
     flow.start()
