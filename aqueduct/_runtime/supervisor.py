@@ -35,6 +35,7 @@ class WorkerProcess:
         self.writer: pipes.LoopWriter | None = None
         self.inflight: dict[int, Any] = {}
         self.exited = False
+        self._input_closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -84,22 +85,21 @@ class WorkerProcess:
             self.reader.close()
         else:
             _close(self.from_worker)
-        if self.writer is not None:
-            self.writer.close()
-        else:
-            _close(self.to_worker)
-        _PARENT_FDS.discard(self.to_worker)
+        self.close_input()
         _PARENT_FDS.discard(self.from_worker)
         self.process.join(0.5)
         self.exited = True
 
     def close_input(self) -> None:
-        """Ask the worker to exit once its current batches are done (end-of-file on its input)."""
+        """Ask the worker to exit once its current batches are done (end-of-file on its input); idempotent."""
+        if self._input_closed:
+            return  # closing the number again could close an fd reused since
+        self._input_closed = True
+        _PARENT_FDS.discard(self.to_worker)
         if self.writer is not None:
             self.writer.close()
         else:
             _close(self.to_worker)
-        _PARENT_FDS.discard(self.to_worker)
 
     def signal(self, signum: int) -> None:
         """Send a signal if the process is still there."""

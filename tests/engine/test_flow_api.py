@@ -375,3 +375,18 @@ async def test_small_arrays_of_any_layout_round_trip_writable() -> None:
         assert task.result.dtype == array.dtype and task.result.shape == array.shape
         np.testing.assert_array_equal(task.result, array)
         assert task.result.flags.writeable
+
+
+async def test_stopping_workers_that_never_ran_closes_each_pipe_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    flow = Flow(FlowStep(Recorder()))
+    flow.init_processes()  # workers started, never attached to the loop
+    closed: list[int] = []
+    real_close = os.close
+
+    def counting_close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", counting_close)
+    await flow.stop()
+    assert len(closed) == len(set(closed))  # a second close could hit an fd reused in between
