@@ -1,0 +1,574 @@
+"""How a batch forms: the parent's per-step queues, dispatch to workers, and worker events.
+
+Tasks arrive as entries: from ``Flow.process`` in this process (a future to resolve) or from another
+process through ``aqueduct.remote`` (a client to answer). Either way an entry waits in its step's
+per-priority queue until a worker is free, travels to it as part of a batch and comes back as an
+outcome. Between steps a task stays in the encoded form the worker sent back (bytes and shared
+memory references): the parent decodes it only where a ``handle_condition`` must look at it, or
+where a local caller waits for it, so the parent's work per task is a few queue operations.
+
+Because the parent knows which batches each worker holds, a failing task fails alone, a dead
+worker's batches are failed or queued again at once and the worker is replaced, expired tasks
+never reach a handler, and a stop is quick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import operator
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..exceptions import TaskError, TaskTimeoutError, WorkerDiedError
+from ..handler import BaseTaskHandler
+from ..logger import log
+from ..metrics import FlowMetrics, StepMetrics
+from ..step import FlowStep
+from ..task import BaseTask
+from . import codec, pipes, shm
+from .adaptive import AdaptiveWindow
+from .supervisor import WorkerProcess, spawn
+from .worker import ERROR, EXPIRED, OK, describe_exception
+
+#: A worker that dies within this many seconds of its start counts as crash-looping.
+CRASH_LOOP_WINDOW_S = 10.0
+MAX_RESTART_DELAY_S = 30.0
+#: Tasks a worker may hold beyond the batch it is handling (full batches only).
+PREFETCH_TASKS = 32
+
+
+class Entry:
+    """A task in flight: its latest decoded and/or encoded form, and the shared memory of its trip.
+
+    ``segments`` maps the names of segments this process mapped for the task; ``keep`` names those
+    that belong to the caller (never unlinked here); ``worker_refs`` names the segments workers
+    made for the task's intermediate results, unlinked when the task is done.
+    """
+
+    __slots__ = (
+        "current",
+        "encoded",
+        "priority",
+        "expires_at",
+        "segments",
+        "keep",
+        "worker_refs",
+        "in_worker",
+        "released",
+        "enqueued_at",
+        "arrived_at",
+    )
+
+    def __init__(self, current: BaseTask | None, encoded: codec.Encoded | None, priority: int, expires_at: float):
+        self.current = current
+        self.encoded = encoded
+        self.priority = priority
+        self.expires_at = expires_at
+        self.segments: dict[str, shm.Segment] = {}
+        self.keep: frozenset[str] = frozenset()
+        self.worker_refs: set[str] | None = None
+        self.in_worker = False
+        self.released = False
+        self.enqueued_at = 0.0
+        self.arrived_at = 0.0
+
+    @property
+    def done(self) -> bool:
+        """The task has its answer, or its caller stopped waiting."""
+        raise NotImplementedError
+
+    def finish(self, step_name: str) -> None:
+        """The task passed every step: hand it to its caller."""
+        raise NotImplementedError
+
+    def fail(self, exc: BaseException) -> None:
+        """The task failed: tell its caller (once)."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Unlink the shared memory workers made for this trip, once it is done and out of workers."""
+        if self.released or self.in_worker or not self.done:
+            return
+        self.released = True
+        if self.worker_refs:
+            final = {ref[0] for ref in self.encoded[1]} if self.encoded is not None and self.keeps_final() else set()
+            for name in self.worker_refs - final:
+                shm.unlink(name)
+        for name, seg in self.segments.items():
+            if name not in self.keep:
+                seg.unlink()
+
+    def keeps_final(self) -> bool:
+        """Whether the segments of the final encoded result belong to someone else to release."""
+        return False
+
+
+class LocalEntry(Entry):
+    """A task from ``Flow.process`` in this process: the caller awaits ``future``."""
+
+    __slots__ = ("task", "future", "timer")
+
+    def __init__(self, task: BaseTask, future: asyncio.Future[BaseTask]) -> None:
+        super().__init__(task, None, task.priority, task.expiration_time or float("inf"))
+        self.task = task
+        self.future = future
+        self.segments = task.shared_segments()
+        self.keep = frozenset(self.segments)  # share_value's segments belong to the task, not to this trip
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def finish(self, step_name: str) -> None:
+        if self.future.done():
+            return
+        if self.encoded is not None and self.current is None:
+            try:
+                self.current = codec.decode(self.encoded[0], self.encoded[1], self.segments)
+            except Exception as exc:  # noqa: BLE001 - the task fails, the flow goes on
+                self.fail(TaskError(step_name, *describe_exception(exc)))
+                return
+        self.future.set_result(self.current if self.current is not None else self.task)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class _StepRuntime:
+    """A step at run time: its queues, workers and restart bookkeeping."""
+
+    def __init__(self, step: FlowStep, index: int, name: str, priorities: int, metrics: StepMetrics | None) -> None:
+        self.step = step
+        self.index = index
+        self.name = name
+        self.queues: list[deque[Entry]] = [deque() for _ in range(priorities)]
+        self.waiting = 0
+        self.workers: list[WorkerProcess | None] = [None] * step.nprocs
+        self.restarts = 0
+        self.crashes = [0] * step.nprocs
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_due = 0.0
+        self.quick = False  # the last batch took under pipes.SPIN_S in handle()
+        self.metrics = metrics
+        # The default condition is true for every task: no need to decode a task to ask it.
+        self.always = step.handle_condition is operator.truth
+        # Full batches a worker may hold behind the one it handles. None with priorities: a task that
+        # arrives later with a higher priority must not find lower ones already handed out ahead of it.
+        self.max_inflight = 1 + (max(1, PREFETCH_TASKS // step.batch_size) if priorities == 1 else 0)
+        self.adaptive = AdaptiveWindow(step.latency_target) if step.latency_target else None
+
+    def dispatch_at(self, now: float) -> float:
+        """When a free worker should take the waiting (fewer than a batch) tasks."""
+        if self.adaptive is not None:
+            return self.adaptive.dispatch_at(now, self.oldest(), self.waiting, self.step.batch_size)
+        if self.step.batch_timeout:
+            return self.oldest() + self.step.batch_timeout
+        return now
+
+    def live_workers(self) -> list[WorkerProcess]:
+        return [w for w in self.workers if w is not None and w.ready and not w.exited]
+
+    def oldest(self) -> float:
+        return min(q[0].enqueued_at for q in self.queues if q)
+
+
+class Scheduler:
+    """The run-time state of one started flow: steps, queues, workers and the tasks in flight."""
+
+    def __init__(
+        self,
+        steps: list[FlowStep],
+        names: list[str],
+        priorities: int,
+        queue_size: int,
+        metrics: FlowMetrics | None,
+        prefix: str,
+        spawn_worker: Callable[[BaseTaskHandler, str, bool, int], WorkerProcess],
+    ) -> None:
+        self.steps = [
+            _StepRuntime(step, i, name, priorities, metrics.steps[i] if metrics else None)
+            for i, (step, name) in enumerate(zip(steps, names, strict=True))
+        ]
+        self.priorities = priorities
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self.prefix = prefix
+        self.running = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiting = 0
+        self.inflight: set[Entry] = set()
+        self.on_idle: Callable[[], None] | None = None
+        self.on_all_exited: Callable[[], None] | None = None
+        self._spawn_worker = spawn_worker
+        self._dirty: list[_StepRuntime] = []
+        self._batch_ids = itertools.count()
+        # most tasks workers can hold beyond their current batches: below this margin, no need to count them
+        self._prefetch_bound = sum(rt.step.nprocs * (rt.max_inflight - 1) * rt.step.batch_size for rt in self.steps)
+        self._worker_prefix = prefix + "-w"
+
+    # ------------------------------------------------------------------ workers
+    def spawn_all(self) -> list[tuple[_StepRuntime, WorkerProcess]]:
+        """Start every step's workers (not yet attached to a loop)."""
+        return [(rt, self._spawn(rt, slot)) for rt in self.steps for slot in range(rt.step.nprocs)]
+
+    def _spawn(self, rt: _StepRuntime, slot: int) -> WorkerProcess:
+        w = self._spawn_worker(rt.step.handler, rt.name, rt.step.bisect, slot)
+        rt.workers[slot] = w
+        return w
+
+    def attach_all(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the workers' pipes from ``loop`` and start dispatching."""
+        self.loop = loop
+        for rt in self.steps:
+            for w in rt.workers:
+                if w is not None:
+                    self._attach(rt, w)
+        self.running = True
+
+    def _attach(self, rt: _StepRuntime, w: WorkerProcess) -> None:
+        assert self.loop is not None
+        w.attach(self.loop, lambda message: self._on_message(rt, w, message), lambda: self._on_exit(rt, w))
+
+    def all_workers(self) -> list[WorkerProcess]:
+        return [w for rt in self.steps for w in rt.workers if w is not None]
+
+    def gauges(self) -> Iterator[tuple[str, int, int, int]]:
+        """(step, queue depth, live workers, expected workers) per step."""
+        for rt in self.steps:
+            yield rt.name, rt.waiting, len(rt.live_workers()), rt.step.nprocs
+
+    # ------------------------------------------------------------------ tasks in
+    def check_capacity(self) -> int | None:
+        """None when a task may enter; else how many wait already (the caller raises ``QueueFullError``)."""
+        if self.waiting + self._prefetch_bound < self.queue_size:
+            return None
+        queued = self._queued()
+        return queued if queued >= self.queue_size else None
+
+    def submit(self, entry: Entry) -> None:
+        """Take a task in: queue it at its first step."""
+        entry.arrived_at = time.monotonic()
+        self.inflight.add(entry)
+        self.route(entry, 0)
+        if entry.done:
+            self._forget(entry)
+
+    def complete(self, entry: Entry) -> None:
+        """The entry's caller has its answer (or gave up): forget the entry."""
+        self.inflight.discard(entry)
+        if not self.inflight and self.on_idle is not None:
+            self.on_idle()
+        entry.release()
+
+    def route(self, entry: Entry, start: int) -> None:
+        """Queue the task at the first step from ``start`` whose condition holds, or finish it."""
+        for rt in self.steps[start:]:
+            if not rt.always:
+                try:
+                    if entry.current is None:
+                        assert entry.encoded is not None
+                        entry.current = codec.decode(entry.encoded[0], entry.encoded[1], entry.segments)
+                    wanted = rt.step.handle_condition(entry.current)
+                except Exception as exc:  # noqa: BLE001 - the task fails, the flow goes on
+                    entry.fail(TaskError(rt.name, *describe_exception(exc)))
+                    return
+                if not wanted:
+                    continue
+            entry.enqueued_at = time.monotonic()
+            if rt.adaptive is not None:
+                rt.adaptive.arrived(entry.enqueued_at)
+            rt.queues[entry.priority].append(entry)
+            rt.waiting += 1
+            self.waiting += 1
+            self._schedule(rt)
+            return
+        entry.finish(self.steps[-1].name if self.steps else "")
+
+    # ------------------------------------------------------------------ dispatch
+    def _schedule(self, rt: _StepRuntime) -> None:
+        if not self._dirty:
+            assert self.loop is not None
+            self.loop.call_soon(self._dispatch_dirty)
+        if rt not in self._dirty:
+            self._dirty.append(rt)
+
+    def _dispatch_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for rt in dirty:
+            self._dispatch(rt)
+
+    def _dispatch(self, rt: _StepRuntime) -> None:
+        """Hand waiting tasks of a step to its free workers, as batches."""
+        if not rt.waiting or not self.running:
+            return
+        size = rt.step.batch_size
+        for w in sorted(rt.live_workers(), key=lambda w: len(w.inflight)):
+            batches: list[list[Entry]] = []
+            while rt.waiting:
+                held = len(w.inflight) + len(batches)
+                if held >= rt.max_inflight or (held and rt.waiting < size):
+                    break
+                if not held and rt.waiting < size:
+                    now = time.monotonic()
+                    due = rt.dispatch_at(now)
+                    if now < due:
+                        self._wake_at(rt, due)
+                        break
+                if not held and rt.adaptive is not None:
+                    rt.adaptive.dispatched(rt.waiting)
+                batch = self._take(rt, size)
+                if batch:
+                    batches.append(batch)
+            if batches:
+                self._send(rt, w, batches)
+            if not rt.waiting:
+                return
+
+    def _wake_at(self, rt: _StepRuntime, due: float) -> None:
+        if rt.timer is not None and rt.timer_due <= due:
+            return
+        if rt.timer is not None:
+            rt.timer.cancel()
+        assert self.loop is not None
+        rt.timer_due = due
+        rt.timer = self.loop.call_later(max(0.0, due - time.monotonic()), self._on_batch_timer, rt)
+
+    def _on_batch_timer(self, rt: _StepRuntime) -> None:
+        rt.timer = None
+        self._dispatch(rt)
+
+    def _take(self, rt: _StepRuntime, size: int) -> list[Entry]:
+        """Up to ``size`` live tasks, highest priority first; tasks whose caller gave up are dropped."""
+        batch: list[Entry] = []
+        now = time.monotonic()
+        for queue in reversed(rt.queues):
+            while queue and len(batch) < size:
+                entry = queue.popleft()
+                rt.waiting -= 1
+                self.waiting -= 1
+                if entry.done:
+                    if rt.metrics:
+                        rt.metrics.outcome["expired"].inc()
+                    self._forget(entry)
+                    continue
+                if now >= entry.expires_at:
+                    if rt.metrics:
+                        rt.metrics.outcome["expired"].inc()
+                    entry.fail(TaskTimeoutError())
+                    self._forget(entry)
+                    continue
+                batch.append(entry)
+        return batch
+
+    def _forget(self, entry: Entry) -> None:
+        """An entry left the queues or a worker done: release it (a local caller forgets its own entry)."""
+        if isinstance(entry, LocalEntry):
+            entry.release()
+        else:
+            self.complete(entry)
+
+    def _queued(self) -> int:
+        """Tasks waiting: in the steps' queues, or held by a worker behind the batch it is handling."""
+        prefetched = sum(
+            len(batch)
+            for rt in self.steps
+            for w in rt.workers
+            if w is not None
+            for batch in itertools.islice(w.inflight.values(), 1, None)
+        )
+        return self._purge() + prefetched
+
+    def _purge(self) -> int:
+        """Drop waiting tasks that are done or expired; returns tasks still waiting."""
+        now = time.monotonic()
+        for rt in self.steps:
+            for queue in rt.queues:
+                live = [e for e in queue if not e.done and now < e.expires_at]
+                dropped = len(queue) - len(live)
+                if dropped:
+                    gone = [e for e in queue if e.done or now >= e.expires_at]
+                    queue.clear()
+                    queue.extend(live)
+                    rt.waiting -= dropped
+                    self.waiting -= dropped
+                    for entry in gone:
+                        entry.fail(TaskTimeoutError())
+                        self._forget(entry)
+        return self.waiting
+
+    def _send(self, rt: _StepRuntime, w: WorkerProcess, batches: list[list[Entry]]) -> None:
+        payload = []
+        for batch in batches:
+            sent: list[Entry] = []
+            encoded: list[codec.Encoded] = []
+            for entry in batch:
+                if entry.encoded is None:
+                    assert entry.current is not None
+                    try:
+                        entry.encoded = codec.encode(entry.current, entry.segments, self.prefix + "-p")
+                    except Exception as exc:  # noqa: BLE001 - an unpicklable task fails alone
+                        entry.fail(TaskError(rt.name, *describe_exception(exc)))
+                        self._forget(entry)
+                        continue
+                encoded.append(entry.encoded)
+                entry.in_worker = True
+                sent.append(entry)
+            if sent:
+                batch_id = next(self._batch_ids)
+                w.inflight[batch_id] = sent
+                payload.append((batch_id, encoded))
+        if payload:
+            assert w.writer is not None
+            w.writer.write(pipes.pack(("run", payload)))
+            # A lone task on a fast handler: its answer is due in microseconds, sooner than this
+            # process would wake up from the event loop's sleep, so wait for it here.
+            lone = rt.quick and len(self.inflight) == 1 and w.reader is not None
+            if lone and pipes.spin_until_readable(w.from_worker, 2 * pipes.SPIN_S):
+                assert w.reader is not None
+                w.reader.drain()
+
+    # ------------------------------------------------------------------ worker events
+    def _on_message(self, rt: _StepRuntime, w: WorkerProcess, message: Any) -> None:
+        kind = message[0]
+        if kind == "done":
+            self._on_done(rt, w, message[1], message[2], message[3])
+        elif kind == "ready":
+            w.ready = True
+            log.info("step %r: worker %d is ready", rt.name, w.pid)
+            self._schedule(rt)
+        elif kind == "start_failed":
+            log.error("step %r: worker %d on_start raised %s: %s\n%s", rt.name, w.pid, *message[1:])
+
+    def _on_done(self, rt: _StepRuntime, w: WorkerProcess, batch_id: int, outcomes: list[Any], seconds: float) -> None:
+        batch = w.inflight.pop(batch_id, None)
+        if batch is None:
+            return
+        handled = 0
+        metrics = rt.metrics
+        worker_prefix = self._worker_prefix
+        for entry, (status, payload) in zip(batch, outcomes, strict=True):
+            entry.in_worker = False
+            if status != EXPIRED:
+                handled += 1
+            if status == OK:
+                refs = payload[1]
+                if refs:
+                    made = {ref[0] for ref in refs if ref[0].startswith(worker_prefix)}
+                    if made:
+                        entry.worker_refs = made if entry.worker_refs is None else entry.worker_refs | made
+            if entry.done:
+                self._forget(entry)
+                continue
+            if status == OK:
+                entry.encoded = payload
+                entry.current = None
+                if metrics:
+                    metrics.outcome["ok"].inc()
+                self.route(entry, rt.index + 1)
+            elif status == ERROR:
+                if metrics:
+                    metrics.outcome["error"].inc()
+                entry.fail(TaskError(rt.name, *payload))
+            else:
+                if metrics:
+                    metrics.outcome["expired"].inc()
+                entry.fail(TaskTimeoutError())
+            if entry.done:
+                self._forget(entry)
+        rt.quick = seconds < pipes.SPIN_S
+        if handled:
+            if metrics:
+                metrics.batch(handled, seconds)
+            if rt.adaptive is not None:
+                rt.adaptive.handled(handled, seconds)
+        self._schedule(rt)
+
+    def _on_exit(self, rt: _StepRuntime, w: WorkerProcess) -> None:
+        """A worker process ended: fail the batch it was handling, queue again the batches it had not
+        started, clean up, and replace it if the flow runs."""
+        w.detach()
+        batches = list(w.inflight.values())  # in the order the worker takes them
+        w.inflight.clear()
+        reason = exit_reason(w.process.exitcode)
+        for entry in reversed([entry for batch in batches[1:] for entry in batch]):
+            entry.in_worker = False
+            if entry.done:
+                self._forget(entry)
+            else:
+                rt.queues[entry.priority].appendleft(entry)
+                rt.waiting += 1
+                self.waiting += 1
+        for entry in batches[0] if batches else ():
+            entry.in_worker = False
+            if rt.metrics:
+                rt.metrics.outcome["lost"].inc()
+            if not entry.done:
+                entry.fail(WorkerDiedError(f"step {rt.name!r}: worker {w.pid} {reason} holding the task"))
+            self._forget(entry)
+        shm.sweep(f"{self.prefix}-w{w.pid}-")
+        if self.running:
+            slot = rt.workers.index(w)
+            quick = not w.ready or time.monotonic() - w.started_at < CRASH_LOOP_WINDOW_S
+            rt.crashes[slot] = rt.crashes[slot] + 1 if quick else 0
+            delay = 0.0 if not rt.crashes[slot] else min(MAX_RESTART_DELAY_S, 0.5 * 2 ** (rt.crashes[slot] - 1))
+            log.error("step %r: worker %d %s; restarting it in %.1f s", rt.name, w.pid, reason, delay)
+            assert self.loop is not None
+            self.loop.call_later(delay, self._restart, rt, slot)
+            self._schedule(rt)
+        elif self.on_all_exited is not None and all(x.exited for x in self.all_workers()):
+            self.on_all_exited()
+
+    def _restart(self, rt: _StepRuntime, slot: int) -> None:
+        if not self.running:
+            return
+        try:
+            w = self._spawn(rt, slot)
+        except Exception:  # noqa: BLE001 - e.g. out of memory to fork: try again later
+            log.exception("step %r: could not start a worker", rt.name)
+            assert self.loop is not None
+            self.loop.call_later(MAX_RESTART_DELAY_S, self._restart, rt, slot)
+            return
+        rt.restarts += 1
+        if rt.metrics:
+            rt.metrics.restarts.inc()
+        self._attach(rt, w)
+
+    # ------------------------------------------------------------------ stop
+    def clear(self) -> None:
+        """Cancel timers, empty the queues and release what the tasks in flight still hold."""
+        self.running = False
+        for rt in self.steps:
+            if rt.timer is not None:
+                rt.timer.cancel()
+            for queue in rt.queues:
+                queue.clear()
+        for entry in list(self.inflight):
+            entry.in_worker = False
+            entry.release()
+
+
+def exit_reason(code: int | None) -> str:
+    """Why a worker process ended, in words."""
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def spawner(ctx: Any, prefix: str) -> Callable[[BaseTaskHandler, str, bool, int], WorkerProcess]:
+    """A function starting one worker of a step with the flow's context and shared-memory prefix."""
+
+    def start(handler: BaseTaskHandler, step_name: str, bisect: bool, slot: int) -> WorkerProcess:
+        return spawn(ctx, handler, step_name, bisect, prefix, slot)
+
+    return start
