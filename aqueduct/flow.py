@@ -267,6 +267,7 @@ class Flow:
         self._state = FlowState.STOPPING
         sched = self._sched
         assert sched is not None
+        sched.running = False  # no more batches start, and workers that exit are not replaced
         if graceful and sched.inflight:
             self._idle = asyncio.Event()
             sched.on_idle = self._idle.set

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .shm import Segment
+from .shm import Segment, open_cached
 
 SHM_THRESHOLD = 64 * 1024
 
@@ -89,7 +89,7 @@ def decode(data: bytes, refs: list[BufferRef], segments: dict[str, Segment]) -> 
     for name, size, offset, nbytes in refs:
         seg = segments.get(name)
         if seg is None:
-            seg = Segment.open(name, size)
+            seg = open_cached(name, size)
             segments[name] = seg
         buffers.append(seg.view(offset, nbytes))
     return pickle.loads(data, buffers=buffers)

@@ -99,10 +99,17 @@ class FrameParser:
 class LoopReader:
     """Reads messages from a non-blocking fd on an event loop and passes them to a callback."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, on_message: Callable[[Any], None]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        on_message: Callable[[Any], None],
+        on_eof: Callable[[], None] | None = None,
+    ) -> None:
         self._loop = loop
         self._fd = fd
         self._on_message = on_message
+        self._on_eof = on_eof
         self._parser = FrameParser()
         self.closed = False
         os.set_blocking(fd, False)
@@ -119,6 +126,8 @@ class LoopReader:
                 data = b""
             if not data:
                 self.close()
+                if self._on_eof is not None:
+                    self._on_eof()
                 return
             for message in self._parser.feed(data):
                 self._on_message(message)

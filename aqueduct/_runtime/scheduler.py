@@ -382,9 +382,9 @@ class Scheduler:
             if w is not None
             for batch in itertools.islice(w.inflight.values(), 1, None)
         )
-        return self._purge() + prefetched
+        return self.purge() + prefetched
 
-    def _purge(self) -> int:
+    def purge(self) -> int:
         """Drop waiting tasks that are done or expired; returns tasks still waiting."""
         now = time.monotonic()
         for rt in self.steps:

@@ -12,6 +12,7 @@ import itertools
 import mmap
 import os
 import secrets
+from collections import OrderedDict
 
 import numpy as np
 
@@ -51,6 +52,17 @@ class Segment:
         return seg
 
     @classmethod
+    def allocate(cls, name: str, size: int) -> Segment:
+        """Create an empty segment named ``name`` of ``size`` bytes (its pages are taken as they are written)."""
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, mm, size)
+
+    @classmethod
     def open(cls, name: str, size: int) -> Segment:
         """Map an existing segment by name."""
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
@@ -73,6 +85,31 @@ class Segment:
     def unlink(self) -> None:
         """Remove the name; the mapping stays valid for whoever still holds it."""
         unlink(self.name)
+
+
+#: Long-lived segments (arenas) this process mapped, most recently used last.
+_arenas: OrderedDict[str, Segment] = OrderedDict()
+ARENA_SUFFIX = "-arena"
+_MAX_ARENAS = 16
+
+
+def open_cached(name: str, size: int) -> Segment:
+    """Map a segment, once per process when it is an arena (its name ends with ``ARENA_SUFFIX``).
+
+    Up to ``_MAX_ARENAS`` arenas stay mapped; the least recently used is dropped first (its memory
+    goes when no array refers to it any more).
+    """
+    if not name.endswith(ARENA_SUFFIX):
+        return Segment.open(name, size)
+    seg = _arenas.get(name)
+    if seg is not None and seg.size == size:
+        _arenas.move_to_end(name)
+        return seg
+    seg = Segment.open(name, size)
+    _arenas[name] = seg
+    while len(_arenas) > _MAX_ARENAS:
+        _arenas.popitem(last=False)
+    return seg
 
 
 def unlink(name: str) -> None:
