@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -11,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -22,7 +21,9 @@ from starlette.types import Receive, Scope, Send
 
 from aqueduct import Flow
 from aqueduct.exceptions import FlowError
+from aqueduct.remote import Lease
 
+from .backend import FlowBackend, LocalBackend
 from .errors import RETRY_AFTER_SECONDS, InferenceError, from_engine_error
 from .health import ServingState
 from .inference import check_inputs, check_requested_outputs, decode_request, encode_response
@@ -34,21 +35,27 @@ log = logging.getLogger("aqueduct_service")
 
 _JSON = b"application/json"
 INFER_ROUTE = "/v2/models/{name}/infer"
+#: Bodies at least this large are read into shared memory, where the front end has an arena.
+LEASE_MIN_BYTES = 64 * 1024
 
 
 class _ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
-def create_app(flow: Flow, settings: Settings, state: ServingState | None = None) -> Starlette:
+def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState | None = None) -> Starlette:
     """Build the serving app for ``flow``, described by ``settings``.
 
     The app's lifespan starts the flow in the background (liveness answers while workers run
     ``on_start``; readiness waits for them) and stops it gracefully on shutdown. ``state`` lets the
     caller flip the pod to draining (not ready, new requests refused) before the server shuts down.
+    ``flow`` is a ``Flow`` run in this process, or a ``FlowBackend`` (a front end of a multi-process pod).
     """
     state = state or ServingState()
-    metrics = HttpMetrics(flow.metrics_registry)
+    backend: FlowBackend = (
+        LocalBackend(flow, settings.start_timeout, settings.server.graceful_timeout) if isinstance(flow, Flow) else flow
+    )
+    metrics = HttpMetrics(backend.http_registry)
     model = settings.name
     metadata = orjson.dumps(_model_metadata(settings))
     server_metadata = orjson.dumps({"name": "aqueduct", "version": _version(), "extensions": ["binary_tensor_data"]})
@@ -63,8 +70,15 @@ def create_app(flow: Flow, settings: Settings, state: ServingState | None = None
     async def live(request: Request) -> Response:
         return _json({"live": True})
 
+    async def readiness() -> tuple[bool, dict[str, Any]]:
+        try:
+            health = await backend.health()
+        except FlowError as e:
+            return False, {"ready": False, "error": f"{type(e).__name__}: {e}"}
+        return state.readiness(health)
+
     async def ready(request: Request) -> Response:
-        is_ready, detail = state.health(flow)
+        is_ready, detail = await readiness()
         return _json(detail, 200 if is_ready else 503)
 
     async def model_metadata(request: Request) -> Response:
@@ -73,11 +87,15 @@ def create_app(flow: Flow, settings: Settings, state: ServingState | None = None
 
     async def model_ready(request: Request) -> Response:
         model_or_404(request)
-        is_ready, _ = state.health(flow)
+        is_ready, _ = await readiness()
         return _json({"name": model, "ready": is_ready}, 200 if is_ready else 503)
 
     async def prometheus(request: Request) -> Response:
-        return Response(generate_latest(flow.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+        try:
+            text = await backend.metrics()
+        except FlowError as e:
+            return _json({"error": f"metrics unavailable: {type(e).__name__}: {e}"}, 503)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def inference_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InferenceError)
@@ -89,15 +107,12 @@ def create_app(flow: Flow, settings: Settings, state: ServingState | None = None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        starter = asyncio.create_task(_start(flow, settings, state))
+        await backend.start(state)
         try:
             yield
         finally:
             state.draining = True
-            if not starter.done():
-                starter.cancel()
-            await asyncio.gather(starter, return_exceptions=True)
-            await flow.stop(graceful=True, timeout=settings.server.graceful_timeout)
+            await backend.stop()
 
     routes = [
         Route("/v2", server_info),
@@ -108,7 +123,7 @@ def create_app(flow: Flow, settings: Settings, state: ServingState | None = None
         Route("/metrics", prometheus),
     ]
     return ServingApp(
-        InferenceEndpoint(flow, settings, state),
+        InferenceEndpoint(backend, settings, state),
         metrics,
         routes=routes,
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
@@ -141,8 +156,8 @@ class ServingApp(Starlette):
 class InferenceEndpoint:
     """``POST /v2/models/{name}/infer``: plain ASGI, no per-request framework objects."""
 
-    def __init__(self, flow: Flow, settings: Settings, state: ServingState) -> None:
-        self.flow = flow
+    def __init__(self, backend: FlowBackend, settings: Settings, state: ServingState) -> None:
+        self.backend = backend
         self.settings = settings
         self.state = state
         self.max_body = settings.server.max_body_bytes
@@ -175,13 +190,15 @@ class InferenceEndpoint:
         if self.state.draining:
             raise InferenceError(503, "the server is shutting down", {"Retry-After": RETRY_AFTER_SECONDS})
         header_length = None
+        body_length = None
         for key, value in headers:
             if key == b"content-length":
                 if not value.isdigit():
                     raise InferenceError(400, "Content-Length is not a number")
-                if int(value) > self.max_body:
+                body_length = int(value)
+                if body_length > self.max_body:
                     raise InferenceError(
-                        413, f"request body of {int(value)} bytes is over the limit of {self.max_body}"
+                        413, f"request body of {body_length} bytes is over the limit of {self.max_body}"
                     )
             elif key == b"inference-header-content-length":
                 if not value.isdigit():
@@ -189,19 +206,24 @@ class InferenceEndpoint:
                 header_length = int(value)
             elif key == b"content-encoding" and value.lower() != b"identity":
                 raise InferenceError(415, f"Content-Encoding {value.decode(errors='replace')!r} is not supported")
-        body = await self._read_body(receive)
-        request = decode_request(body, header_length, self.max_body)
-        check_inputs(request.inputs, self.settings.inputs)
-        check_requested_outputs(request, self.settings.outputs)
-        task = InferenceTask(request.inputs, request.parameters)
-        timeout = self.settings.timeout
-        if request.parameters:
-            timeout = self._apply_parameters(task, request.parameters)
+        lease = self.backend.lease(body_length) if body_length and body_length >= LEASE_MIN_BYTES else None
         try:
-            await self.flow.process(task, timeout_sec=timeout)
-        except FlowError as e:
-            raise from_engine_error(e) from None
-        payload, response_header_length = encode_response(self.settings.name, request, task.outputs)
+            body = await (self._read_into(lease, body_length, receive) if lease else self._read_body(receive))
+            request = decode_request(body, header_length, self.max_body)
+            check_inputs(request.inputs, self.settings.inputs)
+            check_requested_outputs(request, self.settings.outputs)
+            task = InferenceTask(request.inputs, request.parameters)
+            timeout = self.settings.timeout
+            if request.parameters:
+                timeout = self._apply_parameters(task, request.parameters)
+            try:
+                await self.backend.process(task, timeout_sec=timeout)
+            except FlowError as e:
+                raise from_engine_error(e) from None
+            payload, response_header_length = encode_response(self.settings.name, request, task.outputs)
+        finally:
+            if lease:
+                lease.free()
         if response_header_length is None:
             return payload, [(b"content-type", _JSON)]
         return payload, [
@@ -225,6 +247,23 @@ class InferenceEndpoint:
             raise InferenceError(400, "parameters.timeout: must be a positive number of microseconds")
         return float(timeout_us) / 1e6
 
+    async def _read_into(self, lease: Lease, length: int | None, receive: Receive) -> memoryview:
+        """Read a body of ``Content-Length`` bytes into shared memory: its tensors travel on from there."""
+        buffer = lease.buffer
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            end = size + len(chunk)
+            if end > len(buffer):
+                raise InferenceError(400, f"request body is longer than its Content-Length of {length}")
+            buffer[size:end] = chunk
+            size = end
+            if not message.get("more_body", False):
+                return buffer[:size]
+
     async def _read_body(self, receive: Receive) -> bytes:
         chunks = []
         size = 0
@@ -239,14 +278,6 @@ class InferenceEndpoint:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _start(flow: Flow, settings: Settings, state: ServingState) -> None:
-    try:
-        await flow.start_async(timeout=settings.start_timeout)
-    except Exception as e:
-        log.exception("the flow failed to start")
-        state.start_error = e
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

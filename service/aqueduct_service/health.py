@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from aqueduct import Flow
+from aqueduct import FlowHealth
 
 
 class ServingState:
@@ -15,9 +15,9 @@ class ServingState:
         self.draining = False
         self.start_error: BaseException | None = None
 
-    def health(self, flow: Flow) -> tuple[bool, dict[str, Any]]:
-        """(ready, detail): ready when not draining, the flow started and every step has all its workers."""
-        health = flow.health()
+    def readiness(self, health: FlowHealth) -> tuple[bool, dict[str, Any]]:
+        """(ready, detail) given the flow's health: ready when not draining, the flow started and every
+        step has all its workers."""
         ready = bool(health.ready) and not self.draining and self.start_error is None
         detail: dict[str, Any] = {
             "ready": ready,

@@ -58,7 +58,7 @@ class InferRequest:
     binary_output: bool
 
 
-def decode_request(body: bytes, header_length: int | None, max_bytes: int) -> InferRequest:
+def decode_request(body: bytes | memoryview, header_length: int | None, max_bytes: int) -> InferRequest:
     """Decode an OIP v2 inference request; ``header_length`` is the ``Inference-Header-Content-Length``.
 
     Raises:

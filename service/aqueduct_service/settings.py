@@ -19,6 +19,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from aqueduct.cpus import available_cpus
+
 ENV_PREFIX = "AQUEDUCT_"
 SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
 
@@ -58,6 +60,24 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     graceful_timeout: float = 30.0
     log_level: str = "info"
+    #: HTTP front-end processes; None: ``default_workers()``.
+    workers: int | None = None
+    arena_bytes: int = 32 * 1024 * 1024
+
+    @property
+    def front_ends(self) -> int:
+        """How many HTTP front-end processes serve: ``workers``, or the default for this pod's CPUs."""
+        return self.workers if self.workers is not None else default_workers()
+
+
+def default_workers(cpus: float | None = None) -> int:
+    """Front-end processes for a pod with ``cpus`` CPUs (default: what this process may use).
+
+    Below 4 CPUs, one process does HTTP and scheduling (no hop between processes); from 4 CPUs on,
+    half of the CPUs serve HTTP, at most 8, and the rest are left to the flow's workers.
+    """
+    cpus = available_cpus() if cpus is None else cpus
+    return 1 if cpus < 4 else min(8, int(cpus // 2))
 
 
 @dataclass(frozen=True)

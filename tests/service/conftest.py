@@ -43,6 +43,11 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
+def shm_segments(pid: int) -> list[str]:
+    """Shared-memory segments named after the server process ``pid`` (every one its flow made)."""
+    return sorted(name for name in os.listdir("/dev/shm") if name.startswith(f"aqd-{pid}-"))
+
+
 def wait_for(condition: Callable[[], Any], bound: float = 30.0, what: str = "condition") -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``bound`` seconds."""
     deadline = time.monotonic() + bound
@@ -114,6 +119,16 @@ class Server:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         assert not leftovers, f"processes outlived the server: {leftovers}"
+        segments = shm_segments(self.proc.pid)
+        assert not segments, f"shared memory left by the server: {segments}"
+
+    def frontend_pids(self) -> list[int]:
+        """The pids of the front-end processes (children started with the ``spawn`` method)."""
+        return sorted(
+            pid
+            for pid in group_pids(self.proc.pid)
+            if pid != self.proc.pid and b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        )
 
 
 @pytest.fixture
@@ -163,13 +178,17 @@ def echo_config(**overrides: Any) -> dict[str, Any]:
     return config
 
 
-@pytest.fixture(scope="module")
-def echo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One echo server shared by a module's tests."""
+#: The pod with HTTP and the flow in one process, and with two front-end processes.
+FRONT_ENDS = [pytest.param(1, id="1-process"), pytest.param(2, id="2-frontends")]
+
+
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def echo_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """One echo server shared by a module's tests, run with each ``server.workers`` of ``FRONT_ENDS``."""
     workdir = tmp_path_factory.mktemp("echo")
     path = workdir / "pipeline.yaml"
     path.write_text(yaml.safe_dump(echo_config()))
-    server = Server(path, workdir)
+    server = Server(path, workdir, {"AQUEDUCT_SERVER__WORKERS": str(request.param)})
     try:
         server.wait_ready()
         yield server
@@ -177,10 +196,11 @@ def echo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def catdetector_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The shipped example, ``examples/catdetector/pipeline.yaml``, as the README runs it."""
-    server = Server(REPO / "examples/catdetector/pipeline.yaml", tmp_path_factory.mktemp("cat"))
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def catdetector_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """The shipped example, ``examples/catdetector/pipeline.yaml``, as the README runs it (each of ``FRONT_ENDS``)."""
+    env = {"AQUEDUCT_SERVER__WORKERS": str(request.param)}
+    server = Server(REPO / "examples/catdetector/pipeline.yaml", tmp_path_factory.mktemp("cat"), env)
     try:
         server.wait_ready()
         yield server

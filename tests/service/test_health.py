@@ -20,7 +20,7 @@ class StubFlow:
 
 
 def health(flow: Any, state: ServingState) -> tuple[bool, dict[str, Any]]:
-    return state.health(flow)
+    return state.readiness(flow.health())
 
 
 def test_ready_needs_every_worker() -> None:

@@ -31,8 +31,11 @@ def config(**overrides: Any) -> dict[str, Any]:
     return doc
 
 
-def test_live_while_workers_start_then_ready(start_server: Any) -> None:
-    server = start_server(config(), env={"TEST_START_SLEEP": "1.5"}, wait=False)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_live_while_workers_start_then_ready(start_server: Any, workers: int) -> None:
+    server = start_server(
+        config(server={"log_level": "warning", "workers": workers}), env={"TEST_START_SLEEP": "1.5"}, wait=False
+    )
 
     def live() -> bool:
         try:
@@ -46,8 +49,10 @@ def test_live_while_workers_start_then_ready(start_server: Any) -> None:
     server.wait_ready()
 
 
-def test_killed_worker_turns_ready_false_then_true(start_server: Any) -> None:
-    server = start_server(config(steps=[echo_step(nprocs=2)]), env={"TEST_START_SLEEP": "1"})
+@pytest.mark.parametrize("workers", [1, 2])
+def test_killed_worker_turns_ready_false_then_true(start_server: Any, workers: int) -> None:
+    doc = config(steps=[echo_step(nprocs=2)], server={"log_level": "warning", "workers": workers})
+    server = start_server(doc, env={"TEST_START_SLEEP": "1"})
     step = server.health()["steps"][0]
     victim = step["pids"][0]
     os.kill(victim, signal.SIGKILL)
@@ -78,8 +83,10 @@ def test_sigterm_answers_requests_in_flight_and_exits_0(start_server: Any, tmp_p
     wait_for(lambda: not group_pids(server.proc.pid), 10, "the workers to exit")
 
 
-def test_flow_start_failure_exits_nonzero(start_server: Any) -> None:
-    server = start_server(config(steps=[echo_step()]), env={"TEST_START_SLEEP": "not a number"}, wait=False)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_flow_start_failure_exits_nonzero(start_server: Any, workers: int) -> None:
+    doc = config(steps=[echo_step()], server={"log_level": "warning", "workers": workers})
+    server = start_server(doc, env={"TEST_START_SLEEP": "not a number"}, wait=False)
     assert server.proc.wait(60) == 1
     assert "the flow failed to start" in server.output()
 
