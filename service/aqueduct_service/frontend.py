@@ -1,6 +1,6 @@
 """One HTTP front-end process of a multi-process pod (``server.workers`` > 1).
 
-It serves HTTP on the socket the main process bound (shared by every front end), decodes requests,
+It serves HTTP on a socket the main process bound for it (one port for all), decodes requests,
 reads large bodies into its shared-memory arena and sends the tasks to the main process's flow
 through ``aqueduct.remote``. It exits when told to (SIGTERM: drain, then exit 0) or when the main
 process goes away (its channel closes).

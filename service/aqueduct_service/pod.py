@@ -1,7 +1,7 @@
 """The main process of a multi-process pod (``server.workers`` > 1).
 
 It binds the port, runs the flow (whose workers are its children), and keeps ``server.workers``
-HTTP front-end processes serving on that one socket, each connected to the flow through a
+HTTP front-end processes serving on that port (one ``SO_REUSEPORT`` socket each), each connected to the flow through a
 ``FlowGateway`` channel. A front end that dies is replaced (only its own requests in flight fail);
 one that keeps dying at once is restarted with a growing delay. On SIGTERM or SIGINT every front
 end drains (not ready, in-flight requests finish within ``graceful_timeout``) and exits, then the
@@ -51,12 +51,12 @@ class _FrontEnd:
 class Pod:
     """Runs the flow and supervises the front ends (see the module docstring)."""
 
-    def __init__(self, settings: Settings, flow: Flow, sock: socket.socket, metrics_dir: str) -> None:
+    def __init__(self, settings: Settings, flow: Flow, sockets: list[socket.socket], metrics_dir: str) -> None:
         self.settings = settings
         self.flow = flow
-        self.sock = sock
+        self.sockets = sockets
         self.metrics_dir = metrics_dir
-        self.count = settings.server.front_ends
+        self.count = len(sockets)
         self.frontends: list[_FrontEnd | None] = [None] * self.count
         self.crashes = [0] * self.count
         self.stopping = False
@@ -73,7 +73,7 @@ class Pod:
         self._gateway = FlowGateway(self.flow)
         for index in range(self.count):
             self._start_frontend(index)
-        log.info("serving on %s with %d front-end processes", self.sock.getsockname(), self.count)
+        log.info("serving on %s with %d front-end processes", self.sockets[0].getsockname(), self.count)
         starter = asyncio.create_task(self.flow.start_async(timeout=self.settings.start_timeout))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({starter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -99,7 +99,7 @@ class Pod:
         address = self._gateway.connect()
         process = _SPAWN.Process(
             target=frontend_main,
-            args=(self.settings, address, self.sock, index),
+            args=(self.settings, address, self.sockets[index], index),
             name=f"aqueduct-frontend-{index}",
             daemon=True,
         )
@@ -155,21 +155,43 @@ class Pod:
 
 def run_pod(settings: Settings, flow: Flow, host: str, port: int) -> int:
     """Bind ``host:port`` and serve ``flow`` with ``settings.server.front_ends`` front ends; the exit code."""
-    sock = socket.create_server((host, port), family=_family(host), backlog=2048)
+    sockets = listen(host, port, settings.server.front_ends)
     metrics_dir = tempfile.mkdtemp(prefix="aqueduct-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by the front ends' prometheus_client
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(Pod(settings, flow, sock, metrics_dir).run())
+        return loop.run_until_complete(Pod(settings, flow, sockets, metrics_dir).run())
     finally:
         loop.close()
-        sock.close()
+        for sock in sockets:
+            sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+def listen(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one port (``SO_REUSEPORT``): one per front end.
+
+    The kernel spreads new connections evenly over them, where one shared socket would let
+    whichever process wakes first take most of them. This process keeps every socket open, so the
+    connections that reach a dead front end's socket wait in its backlog for the replacement.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]  # port 0: the others join the port the first one got
+            sock.listen(2048)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def _signal(pid: int, signum: int) -> None:
