@@ -104,6 +104,10 @@ def serving_config(spec: PipelineSpec) -> dict[str, Any]:
     }
     if spec.max_body_bytes is not None:
         server["max_body_bytes"] = spec.max_body_bytes
+    if spec.workers is not None:
+        server["workers"] = spec.workers
+    if spec.arena_bytes is not None:
+        server["arena_bytes"] = spec.arena_bytes
     return {
         "version": 1,
         "name": spec.name,

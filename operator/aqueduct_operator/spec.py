@@ -106,6 +106,8 @@ class PipelineSpec:
     log_level: str = "info"
     max_body_bytes: int | None = None
     graceful_timeout: float = 30.0
+    workers: int | None = None
+    arena_bytes: int | None = None
     resources: Mapping[str, Mapping[str, str | int]] = field(default_factory=dict)
     env: tuple[Mapping[str, Any], ...] = ()
     node_selector: Mapping[str, str] = field(default_factory=dict)
@@ -330,7 +332,7 @@ def parse(body: Mapping[str, Any]) -> PipelineSpec:
     queue = _mapping(spec.get("queue") or {}, "spec.queue")
     _unknown(queue, frozenset({"size", "priorities"}), "spec.queue")
     server = _mapping(spec.get("server") or {}, "spec.server")
-    _unknown(server, frozenset({"logLevel", "maxBodyBytes", "gracefulTimeout"}), "spec.server")
+    _unknown(server, frozenset({"logLevel", "maxBodyBytes", "gracefulTimeout", "workers", "arenaBytes"}), "spec.server")
     log_level = server.get("logLevel", "info")
     if log_level not in LOG_LEVELS:
         raise InvalidSpec("spec.server.logLevel", f"must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
@@ -380,6 +382,10 @@ def parse(body: Mapping[str, Any]) -> PipelineSpec:
         if server.get("maxBodyBytes") is None
         else _int(server["maxBodyBytes"], "spec.server.maxBodyBytes", lo=1024),
         graceful_timeout=_number(server.get("gracefulTimeout", 30), "spec.server.gracefulTimeout", lo=0, hi=3600),
+        workers=None if server.get("workers") is None else _int(server["workers"], "spec.server.workers", lo=1, hi=256),
+        arena_bytes=None
+        if server.get("arenaBytes") is None
+        else _int(server["arenaBytes"], "spec.server.arenaBytes", lo=0),
         resources=_resources(spec.get("resources") or {}, "spec.resources"),
         env=_env(spec.get("env", []), "spec.env"),
         node_selector=_string_map(spec.get("nodeSelector") or {}, "spec.nodeSelector"),

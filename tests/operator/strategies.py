@@ -57,6 +57,8 @@ def pipelines(draw: st.DrawFn) -> dict[str, Any]:
             "logLevel": draw(st.sampled_from(["critical", "error", "warning", "info", "debug"])),
             "gracefulTimeout": draw(st.floats(0, 300, allow_nan=False)),
             "maxBodyBytes": draw(st.integers(1024, 2**31)),
+            "workers": draw(st.integers(1, 256)),
+            "arenaBytes": draw(st.integers(0, 2**31)),
         }
     if draw(st.booleans()):
         gpus = draw(st.integers(1, 8))
