@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry
 from ._runtime import shm
 from ._runtime.scheduler import LocalEntry, Scheduler, spawner
 from ._runtime.supervisor import WorkerProcess, kill_all
+from ._runtime.threads import worker_share
+from .cpus import available_cpus
 from .exceptions import (
     FlowError,
     MPStartMethodValueError,
@@ -93,6 +95,10 @@ class Flow:
             higher priorities are taken first.
         mp_start_method: ``fork`` (default), ``spawn`` or ``forkserver``.
         registry: a ``prometheus_client.CollectorRegistry`` for the metrics (default: a new one).
+        worker_cpus: CPUs the workers share. Each worker's OpenMP/MKL/OpenBLAS/torch threads are
+            limited to its share (``worker_cpus`` divided by the number of workers, at least 1),
+            except where the user set ``OMP_NUM_THREADS`` and the like. Default: the CPUs this
+            process may use (its affinity, capped by a cgroup CPU quota such as a pod's limit).
 
     Example:
         flow = Flow(FlowStep(CatDetectorHandler(), batch_size=20))
@@ -111,6 +117,7 @@ class Flow:
         queue_priorities: int = 1,
         mp_start_method: Literal["fork", "spawn", "forkserver"] = "fork",
         registry: CollectorRegistry | None = None,
+        worker_cpus: float | None = None,
     ) -> None:
         self._steps = [s if isinstance(s, FlowStep) else FlowStep(s) for s in steps]
         self._names = [s.name or s.handler.get_step_name(i) for i, s in enumerate(self._steps, 1)]
@@ -127,6 +134,9 @@ class Flow:
                 f"Multiprocessing start method mismatch: got {mp.get_start_method()!r} for main process "
                 f"and {mp_start_method!r} for Flow"
             )
+        if worker_cpus is not None and (not isinstance(worker_cpus, (int, float)) or worker_cpus <= 0):
+            raise ValueError(f"worker_cpus must be None or a number > 0, got {worker_cpus!r}")
+        self._worker_cpus = worker_cpus
         self._ctx = mp.get_context(mp_start_method)
         self._queue_priorities = queue_priorities
         self._queue_size = queue_size if queue_size is not None else DEFAULT_QUEUE_SIZE
@@ -309,6 +319,11 @@ class Flow:
         )
         return FlowHealth(state=self._state.value, steps=steps)
 
+    def worker_threads(self) -> int:
+        """Math-library threads each worker gets (see ``worker_cpus``)."""
+        cpus = self._worker_cpus if self._worker_cpus is not None else available_cpus()
+        return worker_share(cpus, sum(step.nprocs for step in self._steps))
+
     def scheduler(self) -> Scheduler:
         """The running flow's scheduler (for ``aqueduct.remote``); raises ``NotRunningError`` otherwise."""
         if self._state is not FlowState.RUNNING or self._sched is None:
@@ -329,7 +344,7 @@ class Flow:
             self._queue_size,
             self._metrics,
             self._prefix,
-            spawner(self._ctx, self._prefix),
+            spawner(self._ctx, self._prefix, self.worker_threads()),
         )
         atexit.register(self._at_exit)
 

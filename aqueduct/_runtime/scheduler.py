@@ -565,10 +565,10 @@ def exit_reason(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def spawner(ctx: Any, prefix: str) -> Callable[[BaseTaskHandler, str, bool, int], WorkerProcess]:
-    """A function starting one worker of a step with the flow's context and shared-memory prefix."""
+def spawner(ctx: Any, prefix: str, threads: int) -> Callable[[BaseTaskHandler, str, bool, int], WorkerProcess]:
+    """A function starting one worker of a step with the flow's context, shared-memory prefix and threads."""
 
     def start(handler: BaseTaskHandler, step_name: str, bisect: bool, slot: int) -> WorkerProcess:
-        return spawn(ctx, handler, step_name, bisect, prefix, slot)
+        return spawn(ctx, handler, step_name, bisect, prefix, slot, threads)
 
     return start

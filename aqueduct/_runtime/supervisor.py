@@ -120,9 +120,15 @@ def _close(fd: int) -> None:
 
 
 def spawn(
-    ctx: BaseContext, handler: BaseTaskHandler, step_name: str, bisect: bool, flow_prefix: str, slot: int
+    ctx: BaseContext,
+    handler: BaseTaskHandler,
+    step_name: str,
+    bisect: bool,
+    flow_prefix: str,
+    slot: int,
+    threads: int,
 ) -> WorkerProcess:
-    """Start one worker process for a step."""
+    """Start one worker process for a step; its math libraries get ``threads`` threads (see ``threads.py``)."""
     to_r, to_w = os.pipe()
     from_r, from_w = os.pipe()
     _PARENT_FDS.update((to_w, from_r))
@@ -131,7 +137,7 @@ def spawn(
     inherited = sorted(_PARENT_FDS) if ctx.get_start_method() == "fork" else []
     process = ctx.Process(  # type: ignore[attr-defined]
         target=worker_main,
-        args=(handler, step_name, bisect, child_in, child_out, flow_prefix, inherited),
+        args=(handler, step_name, bisect, child_in, child_out, flow_prefix, inherited, threads),
         name=f"aqueduct-{step_name}-{slot}",
         daemon=True,
     )

@@ -20,6 +20,7 @@ from typing import Any
 from ..handler import BaseTaskHandler
 from ..task import BaseTask
 from . import codec, pipes, shm
+from .threads import limit_math_threads
 
 OK, ERROR, EXPIRED = 0, 1, 2
 _PR_SET_PDEATHSIG = 1
@@ -131,8 +132,10 @@ def worker_main(
     out_conn: Connection,
     flow_prefix: str,
     close_fds: list[int],
+    threads: int,
 ) -> None:
-    """Entry point of a worker process; ``close_fds`` are the parent's pipe ends a forked child inherited."""
+    """Entry point of a worker process; ``close_fds`` are the parent's pipe ends a forked child inherited,
+    ``threads`` the math-library threads it may use."""
     in_fd, out_fd = in_conn.fileno(), out_conn.fileno()
     for fd in close_fds:
         try:
@@ -144,6 +147,7 @@ def worker_main(
     except ValueError:
         pass
     _die_with_parent(flow_prefix)
+    limit_math_threads(threads)
     os.set_blocking(in_fd, True)
     os.set_blocking(out_fd, True)
     try:

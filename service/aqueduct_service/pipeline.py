@@ -6,6 +6,7 @@ import importlib
 from typing import Any
 
 from aqueduct import BaseTaskHandler, Flow, FlowStep
+from aqueduct.cpus import available_cpus
 
 from .settings import ConfigError, Settings
 
@@ -57,4 +58,11 @@ def build_flow(settings: Settings) -> Flow:
                 **options,
             )
         )
-    return Flow(*steps, queue_size=settings.queue_size, queue_priorities=settings.queue_priorities)
+    front_ends = settings.server.front_ends
+    return Flow(
+        *steps,
+        queue_size=settings.queue_size,
+        queue_priorities=settings.queue_priorities,
+        # front-end processes take a CPU each; the workers' math libraries share the rest
+        worker_cpus=max(1.0, available_cpus() - front_ends) if front_ends > 1 else None,
+    )

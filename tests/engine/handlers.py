@@ -94,3 +94,17 @@ class DiesOnValue(Recorder):
 
 def is_even(task: Task) -> bool:
     return isinstance(task.value, int) and task.value % 2 == 0
+
+
+class ThreadReporter(BaseTaskHandler):
+    """Reports, as seen in its worker after start, the OMP_NUM_THREADS variable and the BLAS threads."""
+
+    def on_start(self) -> None:
+        from threadpoolctl import threadpool_info
+
+        blas = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+        self.seen = (os.environ.get("OMP_NUM_THREADS"), blas)
+
+    def handle(self, *tasks: Task) -> None:
+        for task in tasks:
+            task.result = self.seen
