@@ -1,0 +1,269 @@
+"""HTTP serving benchmark: our pod (``server.workers`` 1 and more) against mosec, on the same models.
+
+Load: wrk (Debian's ``wrk``), one thread, closed loop, one keep-alive connection per client, on
+127.0.0.1 only, bounded by ``--duration`` per level. Models (``bench/serving/models.py``):
+``noop`` (JSON ``x`` INT64 [3] echoed as ``y``) and ``image`` (a 150 KB UINT8 [224,224,3] image
+sent as binary, the OIP binary tensor extension for us, the raw body for mosec; a numpy stand-in
+for the model). Every server runs one model worker; mosec batches up to 64 with a 5 ms wait, we
+batch up to 64 without waiting (``batch_timeout: 0``).
+
+Prints one row per server, model and concurrency: req/s, p50/p99 latency, the server's CPU (all
+its processes) and its CPU time per request. The machine is shared and noisy: compare the rows of
+one sitting only.
+
+    apt-get install -y wrk
+    python3 -m venv /tmp/venv-mosec && /tmp/venv-mosec/bin/pip install mosec==0.9.8 numpy
+    .venv/bin/python bench/serving/run.py --servers aqueduct-1,aqueduct-2,mosec --models noop,image
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LUA = """
+local f = io.open(os.getenv("BODY"), "rb"); wrk.body = f:read("*a"); f:close()
+wrk.method = "POST"
+wrk.headers["Content-Type"] = os.getenv("CTYPE")
+local h = os.getenv("HLEN")
+if h and h ~= "" then wrk.headers["Inference-Header-Content-Length"] = h end
+done = function(s, lat, req)
+  local e = s.errors
+  io.write(string.format("RESULT %.1f %d %d %.3f %.3f\\n", s.requests / (s.duration / 1e6), s.requests,
+    e.status + e.connect + e.read + e.write + e.timeout, lat:percentile(50) / 1000, lat:percentile(99) / 1000))
+end
+"""
+
+
+@dataclass
+class Row:
+    server: str
+    model: str
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu_percent: float
+    cpu_us_per_request: float
+
+
+@dataclass
+class Request:
+    path: str
+    body: bytes
+    content_type: str
+    header_length: int | None = None
+
+
+def requests(server: str) -> dict[str, Request]:
+    """The request of each model, as ``server`` takes it."""
+    image = np.random.RandomState(0).randint(0, 255, (224, 224, 3)).astype(np.uint8).tobytes()
+    if server == "mosec":
+        return {
+            "noop": Request("/inference", b'{"x":[1,2,3]}', "application/json"),
+            "image": Request("/inference", image, "application/octet-stream"),
+        }
+    noop = {"inputs": [{"name": "x", "shape": [3], "datatype": "INT64", "data": [1, 2, 3]}]}
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [224, 224, 3],
+                    "datatype": "UINT8",
+                    "parameters": {"binary_data_size": len(image)},
+                }
+            ]
+        }
+    ).encode()
+    return {
+        "noop": Request("/v2/models/noop/infer", json.dumps(noop).encode(), "application/json"),
+        "image": Request("/v2/models/image/infer", header + image, "application/octet-stream", len(header)),
+    }
+
+
+def command(server: str, model: str, port: int, mosec_python: str) -> tuple[list[str], dict[str, str]]:
+    env = dict(os.environ)
+    if server == "mosec":
+        return [
+            mosec_python,
+            str(HERE / "mosec_app.py"),
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--address",
+            "127.0.0.1",
+            "--log-level",
+            "error",
+        ], env
+    workers = server.split("-", 1)[1]
+    config = REPO / ("examples/noop/pipeline.yaml" if model == "noop" else "bench/serving/image.yaml")
+    env.update(
+        PYTHONPATH=f"{REPO}:{REPO / 'service'}", AQUEDUCT_SERVER__WORKERS=workers, AQUEDUCT_SERVER__LOG_LEVEL="warning"
+    )
+    return [
+        str(REPO / ".venv/bin/python"),
+        "-m",
+        "aqueduct_service",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ], env
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def post(port: int, request: Request) -> int:
+    headers = {"Content-Type": request.content_type}
+    if request.header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(request.header_length)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{request.path}", request.body, headers)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as reply:
+            return int(reply.status)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def wrk(port: int, request: Request, body_file: str, lua: str, concurrency: int, seconds: float) -> list[str]:
+    env = dict(os.environ, BODY=body_file, CTYPE=request.content_type, HLEN=str(request.header_length or ""))
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            lua,
+            f"http://127.0.0.1:{port}{request.path}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+    return next(line for line in out.splitlines() if line.startswith("RESULT")).split()[1:]
+
+
+def bench(server: str, model: str, concurrencies: list[int], args: argparse.Namespace, tmp: str) -> list[Row]:
+    request = requests(server)[model]
+    body_file = os.path.join(tmp, f"{server}-{model}.body")
+    Path(body_file).write_bytes(request.body)
+    lua = os.path.join(tmp, "body.lua")
+    Path(lua).write_text(LUA)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv, env = command(server, model, port, args.mosec_python)
+    proc = subprocess.Popen(
+        argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    rows = []
+    try:
+        deadline = time.monotonic() + 120
+        while post(port, request) != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{server} did not start serving {model}")
+            time.sleep(0.2)
+        if args.warmup:
+            wrk(port, request, body_file, lua, max(concurrencies), args.warmup)
+        for concurrency in concurrencies:
+            before, start = group_cpu_seconds(proc.pid), time.perf_counter()
+            rps, count, errors, p50, p99 = wrk(port, request, body_file, lua, concurrency, args.duration)
+            cpu = group_cpu_seconds(proc.pid) - before
+            wall = time.perf_counter() - start
+            rows.append(
+                Row(
+                    server,
+                    model,
+                    concurrency,
+                    float(rps),
+                    float(p50),
+                    float(p99),
+                    int(errors),
+                    100 * cpu / wall,
+                    1e6 * cpu / max(1, int(count)),
+                )
+            )
+            time.sleep(args.settle)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM if server != "mosec" else signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--servers",
+        default="aqueduct-1,aqueduct-2,mosec",
+        help="aqueduct-N (N front-end processes) and/or mosec, comma-separated",
+    )
+    parser.add_argument("--models", default="noop,image")
+    parser.add_argument("--concurrency", default="1,64")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per level")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--settle", type=float, default=1.0)
+    parser.add_argument("--mosec-python", default="/tmp/venv-mosec/bin/python")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    rows: list[Row] = []
+    print("| server | model | c | req/s | p50 ms | p99 ms | errors | server CPU % | CPU µs/request |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            for server in args.servers.split(","):
+                for row in bench(server, model, concurrencies, args, tmp):
+                    rows.append(row)
+                    print(
+                        f"| {row.server} | {row.model} | {row.concurrency} | {row.rps:,.0f} | {row.p50_ms:.2f} | "
+                        f"{row.p99_ms:.2f} | {row.errors} | {row.cpu_percent:.0f} | {row.cpu_us_per_request:.0f} |",
+                        flush=True,
+                    )
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
