@@ -13,7 +13,7 @@ import multiprocessing as mp
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
@@ -58,7 +58,9 @@ class FlowState(Enum):
 
 @dataclass(frozen=True)
 class StepHealth:
-    """One step's workers: ``alive`` counts started, live workers out of ``expected``."""
+    """One step's workers: ``alive`` counts started, live workers out of ``expected``; ``restart_reasons``
+    counts the restarts by why the old worker ended (``start``: before it was ready, ``killed``: by a
+    signal, ``exited``)."""
 
     name: str
     expected: int
@@ -66,6 +68,7 @@ class StepHealth:
     restarts: int
     pids: tuple[int, ...]
     queue_depth: int
+    restart_reasons: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,9 @@ class FlowHealth:
 
     @property
     def ready(self) -> bool:
-        """Running, and every step has all its workers started and alive."""
-        return self.state == FlowState.RUNNING.value and all(s.alive == s.expected for s in self.steps)
+        """Running, and every step has at least one worker started and alive (one dead worker of several
+        being replaced does not stop the flow from serving)."""
+        return self.state == FlowState.RUNNING.value and all(s.alive >= 1 for s in self.steps)
 
 
 class Flow:
@@ -314,6 +318,7 @@ class Flow:
                 restarts=rt.restarts,
                 pids=tuple(w.pid for w in rt.workers if w is not None and not w.exited),
                 queue_depth=rt.waiting,
+                restart_reasons=dict(rt.restart_reasons),
             )
             for rt in (self._sched.steps if self._sched is not None else ())
         )

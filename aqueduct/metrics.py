@@ -13,6 +13,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 OUTCOMES = ("ok", "error", "expired", "rejected", "lost", "cancelled")
+#: Why a replaced worker ended: before it was ready, killed by a signal, or exited.
+RESTART_REASONS = ("start", "killed", "exited")
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -20,11 +22,22 @@ _TIME_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 class StepMetrics:
     """Pre-bound metric children of one step (no label lookups on the hot path)."""
 
-    def __init__(self, tasks: Counter, batch_size: Histogram, handle_seconds: Histogram, restarts: Counter, step: str):
+    def __init__(
+        self,
+        tasks: Counter,
+        batch_size: Histogram,
+        handle_seconds: Histogram,
+        restarts: Counter,
+        rerun: Counter,
+        isolated: Counter,
+        step: str,
+    ):
         self.outcome = {outcome: tasks.labels(step=step, outcome=outcome) for outcome in OUTCOMES}
         self.batch_size = batch_size.labels(step=step)
         self.handle_seconds = handle_seconds.labels(step=step)
-        self.restarts = restarts.labels(step=step)
+        self.restarts = {reason: restarts.labels(step=step, reason=reason) for reason in RESTART_REASONS}
+        self.rerun = rerun.labels(step=step)
+        self.isolated = isolated.labels(step=step)
 
     def batch(self, size: int, seconds: float) -> None:
         """Record one handled batch."""
@@ -70,13 +83,33 @@ class FlowMetrics:
         handle_seconds = Histogram(
             "aqueduct_handle_seconds", "Time of one handle() call", ["step"], buckets=_TIME_BUCKETS, registry=registry
         )
-        restarts = Counter("aqueduct_worker_restarts", "Worker processes replaced", ["step"], registry=registry)
+        restarts = Counter(
+            "aqueduct_worker_restarts",
+            "Worker processes replaced, by why the old one ended: start (before it was ready), killed (by a "
+            "signal: SIGKILL, SIGSEGV, abort), exited",
+            ["step", "reason"],
+            registry=registry,
+        )
+        rerun = Counter(
+            "aqueduct_crash_rerun_tasks",
+            "Tasks run again, in halves, because their worker died handling their batch",
+            ["step"],
+            registry=registry,
+        )
+        isolated = Counter(
+            "aqueduct_crash_isolated_tasks",
+            "Tasks found to kill their worker by themselves (failed alone with WorkerDiedError)",
+            ["step"],
+            registry=registry,
+        )
         self.latency = Histogram(
             "aqueduct_task_latency_seconds",
             "process() time of tasks that completed, end to end",
             buckets=_TIME_BUCKETS,
             registry=registry,
         )
-        self.steps = [StepMetrics(tasks, batch_size, handle_seconds, restarts, name) for name in step_names]
+        self.steps = [
+            StepMetrics(tasks, batch_size, handle_seconds, restarts, rerun, isolated, name) for name in step_names
+        ]
         self.flow_outcome = {outcome: tasks.labels(step="flow", outcome=outcome) for outcome in OUTCOMES}
         registry.register(_StepGauges(read_gauges))

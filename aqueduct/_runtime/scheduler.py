@@ -34,8 +34,6 @@ from .adaptive import AdaptiveWindow
 from .supervisor import WorkerProcess, spawn
 from .worker import ERROR, EXPIRED, OK, describe_exception
 
-#: A worker that dies within this many seconds of its start counts as crash-looping.
-CRASH_LOOP_WINDOW_S = 10.0
 MAX_RESTART_DELAY_S = 30.0
 #: Tasks a worker may hold beyond the batch it is handling (full batches only).
 PREFETCH_TASKS = 32
@@ -151,7 +149,10 @@ class _StepRuntime:
         self.waiting = 0
         self.workers: list[WorkerProcess | None] = [None] * step.nprocs
         self.restarts = 0
+        self.restart_reasons: dict[str, int] = {}
         self.crashes = [0] * step.nprocs
+        # Groups of tasks a dead worker held, each to be run as a batch of its own (crash bisection).
+        self.suspects: deque[list[Entry]] = deque()
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
         self.quick = False  # the last batch took under pipes.SPIN_S in handle()
@@ -176,6 +177,10 @@ class _StepRuntime:
 
     def oldest(self) -> float:
         return min(q[0].enqueued_at for q in self.queues if q)
+
+    def suspect_count(self) -> int:
+        """Tasks waiting in suspect groups (counted in ``waiting`` too)."""
+        return sum(len(group) for group in self.suspects) if self.suspects else 0
 
 
 class Scheduler:
@@ -309,19 +314,30 @@ class Scheduler:
             return
         size = rt.step.batch_size
         for w in sorted(rt.live_workers(), key=lambda w: len(w.inflight)):
+            if w.suspect:
+                continue  # nothing joins a group under suspicion: if the worker dies, the group is to blame
+            if rt.suspects:
+                # a group under suspicion runs alone, on a worker with nothing else in hand
+                if w.inflight:
+                    continue
+                group = self._take_suspects(rt)
+                if group:
+                    self._send(rt, w, [group], suspect=True)
+                continue
             batches: list[list[Entry]] = []
-            while rt.waiting:
+            while rt.waiting > rt.suspect_count():
                 held = len(w.inflight) + len(batches)
-                if held >= rt.max_inflight or (held and rt.waiting < size):
+                queued = rt.waiting - rt.suspect_count()
+                if held >= rt.max_inflight or (held and queued < size):
                     break
-                if not held and rt.waiting < size:
+                if not held and queued < size:
                     now = time.monotonic()
                     due = rt.dispatch_at(now)
                     if now < due:
                         self._wake_at(rt, due)
                         break
                 if not held and rt.adaptive is not None:
-                    rt.adaptive.dispatched(rt.waiting)
+                    rt.adaptive.dispatched(queued)
                 batch = self._take(rt, size)
                 if batch:
                     batches.append(batch)
@@ -366,6 +382,22 @@ class Scheduler:
                 batch.append(entry)
         return batch
 
+    def _take_suspects(self, rt: _StepRuntime) -> list[Entry]:
+        """The next suspect group, less the tasks that are done or expired."""
+        group = rt.suspects.popleft()
+        rt.waiting -= len(group)
+        self.waiting -= len(group)
+        live = []
+        now = time.monotonic()
+        for entry in group:
+            if not entry.done and now >= entry.expires_at:
+                entry.fail(TaskTimeoutError())
+            if entry.done:
+                self._forget(entry)
+            else:
+                live.append(entry)
+        return live
+
     def _forget(self, entry: Entry) -> None:
         """An entry left the queues or a worker done: release it (a local caller forgets its own entry)."""
         if isinstance(entry, LocalEntry):
@@ -400,10 +432,26 @@ class Scheduler:
                     for entry in gone:
                         entry.fail(TaskTimeoutError())
                         self._forget(entry)
+            if rt.suspects:
+                groups = list(rt.suspects)
+                rt.suspects.clear()
+                for group in groups:
+                    live = [e for e in group if not e.done and now < e.expires_at]
+                    dropped = len(group) - len(live)
+                    rt.waiting -= dropped
+                    self.waiting -= dropped
+                    for entry in group:
+                        if entry not in live:
+                            entry.fail(TaskTimeoutError())
+                            self._forget(entry)
+                    if live:
+                        rt.suspects.append(live)
         return self.waiting
 
-    def _send(self, rt: _StepRuntime, w: WorkerProcess, batches: list[list[Entry]]) -> None:
+    def _send(self, rt: _StepRuntime, w: WorkerProcess, batches: list[list[Entry]], suspect: bool = False) -> None:
         payload = []
+        if suspect:
+            w.suspect = True
         for batch in batches:
             sent: list[Entry] = []
             encoded: list[codec.Encoded] = []
@@ -449,6 +497,9 @@ class Scheduler:
         batch = w.inflight.pop(batch_id, None)
         if batch is None:
             return
+        w.batches_done += 1
+        if not w.inflight:
+            w.suspect = False
         handled = 0
         metrics = rt.metrics
         worker_prefix = self._worker_prefix
@@ -490,8 +541,8 @@ class Scheduler:
         self._schedule(rt)
 
     def _on_exit(self, rt: _StepRuntime, w: WorkerProcess) -> None:
-        """A worker process ended: fail the batch it was handling, queue again the batches it had not
-        started, clean up, and replace it if the flow runs."""
+        """A worker process ended: bisect (or fail) the batch it was handling, queue again the batches
+        it had not started, clean up, and replace it if the flow runs."""
         w.detach()
         batches = list(w.inflight.values())  # in the order the worker takes them
         w.inflight.clear()
@@ -504,27 +555,53 @@ class Scheduler:
                 rt.queues[entry.priority].appendleft(entry)
                 rt.waiting += 1
                 self.waiting += 1
-        for entry in batches[0] if batches else ():
-            entry.in_worker = False
-            if rt.metrics:
-                rt.metrics.outcome["lost"].inc()
-            if not entry.done:
-                entry.fail(WorkerDiedError(f"step {rt.name!r}: worker {w.pid} {reason} holding the task"))
-            self._forget(entry)
+        if batches:
+            self._after_crash(rt, w, batches[0], reason)
         shm.sweep(f"{self.prefix}-w{w.pid}-")
         if self.running:
             slot = rt.workers.index(w)
-            quick = not w.ready or time.monotonic() - w.started_at < CRASH_LOOP_WINDOW_S
-            rt.crashes[slot] = rt.crashes[slot] + 1 if quick else 0
+            # Back off only for a worker whose death nothing explains yet: it never became ready,
+            # or died before answering any batch while not running a group under suspicion.
+            unexplained = not w.ready or (w.batches_done == 0 and not w.suspect)
+            rt.crashes[slot] = rt.crashes[slot] + 1 if unexplained else 0
             delay = 0.0 if not rt.crashes[slot] else min(MAX_RESTART_DELAY_S, 0.5 * 2 ** (rt.crashes[slot] - 1))
+            cause = "start" if not w.ready else ("killed" if (w.process.exitcode or 0) < 0 else "exited")
+            rt.restart_reasons[cause] = rt.restart_reasons.get(cause, 0) + 1
             log.error("step %r: worker %d %s; restarting it in %.1f s", rt.name, w.pid, reason, delay)
             assert self.loop is not None
-            self.loop.call_later(delay, self._restart, rt, slot)
+            self.loop.call_later(delay, self._restart, rt, slot, cause)
             self._schedule(rt)
         elif self.on_all_exited is not None and all(x.exited for x in self.all_workers()):
             self.on_all_exited()
 
-    def _restart(self, rt: _StepRuntime, slot: int) -> None:
+    def _after_crash(self, rt: _StepRuntime, w: WorkerProcess, batch: list[Entry], reason: str) -> None:
+        """The worker died handling ``batch``: run its halves again as groups of their own, so that a task
+        that kills its worker is found and fails alone; a task alone (or ``bisect=False``) fails."""
+        live = []
+        for entry in batch:
+            entry.in_worker = False
+            if entry.done:
+                self._forget(entry)
+            else:
+                live.append(entry)
+        if rt.step.bisect and len(live) > 1:
+            middle = len(live) // 2
+            for group in (live[middle:], live[:middle]):
+                rt.suspects.appendleft(group)
+            rt.waiting += len(live)
+            self.waiting += len(live)
+            if rt.metrics:
+                rt.metrics.rerun.inc(len(live))
+            return
+        for entry in live:
+            if rt.metrics:
+                rt.metrics.outcome["lost"].inc()
+                if w.suspect:
+                    rt.metrics.isolated.inc()
+            entry.fail(WorkerDiedError(f"step {rt.name!r}: worker {w.pid} {reason} holding the task"))
+            self._forget(entry)
+
+    def _restart(self, rt: _StepRuntime, slot: int, cause: str) -> None:
         if not self.running:
             return
         try:
@@ -532,11 +609,11 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - e.g. out of memory to fork: try again later
             log.exception("step %r: could not start a worker", rt.name)
             assert self.loop is not None
-            self.loop.call_later(MAX_RESTART_DELAY_S, self._restart, rt, slot)
+            self.loop.call_later(MAX_RESTART_DELAY_S, self._restart, rt, slot, cause)
             return
         rt.restarts += 1
         if rt.metrics:
-            rt.metrics.restarts.inc()
+            rt.metrics.restarts[cause].inc()
         self._attach(rt, w)
 
     # ------------------------------------------------------------------ stop
@@ -548,6 +625,7 @@ class Scheduler:
                 rt.timer.cancel()
             for queue in rt.queues:
                 queue.clear()
+            rt.suspects.clear()
         for entry in list(self.inflight):
             entry.in_worker = False
             entry.release()

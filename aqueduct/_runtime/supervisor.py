@@ -31,6 +31,10 @@ class WorkerProcess:
         self.from_worker = from_worker
         self.started_at = time.monotonic()
         self.ready = False
+        #: Batches the worker answered: one that did work and then died is replaced at once.
+        self.batches_done = 0
+        #: The batch in hand is a group being bisected after a crash (its death is explained).
+        self.suspect = False
         self.reader: pipes.LoopReader | None = None
         self.writer: pipes.LoopWriter | None = None
         self.inflight: dict[int, Any] = {}

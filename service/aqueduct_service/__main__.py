@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     if server_settings.front_ends > 1:
-        return run_pod(settings, flow, host, port)
+        return run_pod(settings, args.config, flow, host, port)
     state = ServingState()
     ServingServer(uvicorn_config(create_app(flow, settings, state), settings, host, port), state).run()
     return 1 if state.start_error is not None else 0

@@ -8,9 +8,12 @@ process goes away (its channel closes).
 
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import socket
+import sys
+from collections.abc import Sequence
 
 from aqueduct.remote import ClientAddress, RemoteFlow
 
@@ -18,13 +21,13 @@ from .app import create_app
 from .backend import RemoteBackend
 from .health import ServingState
 from .server import ServingServer, uvicorn_config
-from .settings import Settings
+from .settings import Settings, load_settings
 
 log = logging.getLogger("aqueduct_service")
 
 
-def frontend_main(settings: Settings, address: ClientAddress, sock: socket.socket, index: int) -> None:
-    """Entry point of a front-end process (started with the ``spawn`` method by ``pod.run_pod``)."""
+def serve_frontend(settings: Settings, address: ClientAddress, sock: socket.socket, index: int) -> None:
+    """Serve HTTP on ``sock`` for the flow behind ``address`` until told to stop."""
     logging.basicConfig(
         level=settings.server.log_level.upper(),
         format=f"%(asctime)s %(levelname)s %(name)s[frontend {index}]: %(message)s",
@@ -45,3 +48,23 @@ def frontend_main(settings: Settings, address: ClientAddress, sock: socket.socke
     gc.collect()
     gc.freeze()
     server.run(sockets=[sock])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m aqueduct_service.frontend``: how ``pod.Pod`` starts a front end (not for users)."""
+    parser = argparse.ArgumentParser(prog="aqueduct-serve frontend")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, required=True, help="the listening socket, inherited")
+    parser.add_argument("--channel-fd", type=int, required=True, help="the channel to the flow, inherited")
+    parser.add_argument("--prefix", required=True, help="the channel's shared-memory prefix")
+    args = parser.parse_args(argv)
+    settings = load_settings(args.config)  # the main process checked it already
+    sock = socket.socket(fileno=args.listen_fd)
+    address = ClientAddress(socket.socket(fileno=args.channel_fd), args.prefix)
+    serve_frontend(settings, address, sock, args.index)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

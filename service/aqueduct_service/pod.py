@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,12 +31,10 @@ from prometheus_client import multiprocess
 from aqueduct import Flow
 from aqueduct.remote import FlowGateway
 
-from .frontend import frontend_main
 from .settings import Settings
 
 log = logging.getLogger("aqueduct_service")
 
-_SPAWN = multiprocessing.get_context("spawn")
 #: A front end that exits sooner than this after its start counts as crash-looping.
 _CRASH_WINDOW_S = 5.0
 _MAX_RESTART_DELAY_S = 30.0
@@ -44,15 +43,19 @@ _KILL_MARGIN_S = 5.0
 
 @dataclass
 class _FrontEnd:
-    process: multiprocessing.process.BaseProcess
+    process: subprocess.Popen[bytes]
+    pidfd: int  # readable once the process has exited
     started_at: float
 
 
 class Pod:
     """Runs the flow and supervises the front ends (see the module docstring)."""
 
-    def __init__(self, settings: Settings, flow: Flow, sockets: list[socket.socket], metrics_dir: str) -> None:
+    def __init__(
+        self, settings: Settings, config_path: str, flow: Flow, sockets: list[socket.socket], metrics_dir: str
+    ) -> None:
         self.settings = settings
+        self.config_path = config_path
         self.flow = flow
         self.sockets = sockets
         self.metrics_dir = metrics_dir
@@ -62,6 +65,12 @@ class Pod:
         self.stopping = False
         self._gateway: FlowGateway | None = None
         self._all_exited = asyncio.Event()
+        # this process's import path (with --app-dir): a front end unpickles what the handlers set
+        self._frontend_env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        }
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code (1: the flow failed to start)."""
@@ -97,26 +106,35 @@ class Pod:
             return
         assert self._gateway is not None
         address = self._gateway.connect()
-        process = _SPAWN.Process(
-            target=frontend_main,
-            args=(self.settings, address, self.sockets[index], index),
-            name=f"aqueduct-frontend-{index}",
-            daemon=True,
-        )
-        process.start()
-        address.close()
-        self.frontends[index] = _FrontEnd(process, time.monotonic())
-        asyncio.get_running_loop().add_reader(process.sentinel, self._on_exit, index)
+        listen_fd, channel_fd = self.sockets[index].fileno(), address.sock.fileno()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "aqueduct_service.frontend", "--config", self.config_path]
+                + ["--index", str(index), "--listen-fd", str(listen_fd), "--channel-fd", str(channel_fd)]
+                + ["--prefix", address.prefix],
+                pass_fds=(listen_fd, channel_fd),
+                env={
+                    **os.environ,
+                    "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+                    "PYTHONPATH": os.pathsep.join(sys.path),
+                },
+            )
+        finally:
+            address.close()
+        pidfd = os.pidfd_open(process.pid)
+        self.frontends[index] = _FrontEnd(process, pidfd, time.monotonic())
+        asyncio.get_running_loop().add_reader(pidfd, self._on_exit, index)
 
     def _on_exit(self, index: int) -> None:
         frontend = self.frontends[index]
         assert frontend is not None
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(frontend.pidfd)
+        os.close(frontend.pidfd)
         process = frontend.process
-        asyncio.get_running_loop().remove_reader(process.sentinel)
-        process.join(0)
+        code = process.wait()
         self.frontends[index] = None
-        if process.pid is not None:
-            multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
         if self.stopping:
             if not any(self.frontends):
                 self._all_exited.set()
@@ -125,13 +143,9 @@ class Pod:
         self.crashes[index] = self.crashes[index] + 1 if quick else 0
         delay = 0.0 if not self.crashes[index] else min(_MAX_RESTART_DELAY_S, 0.5 * 2 ** (self.crashes[index] - 1))
         log.error(
-            "front end %d (pid %s) exited with code %s; starting a new one in %.1f s",
-            index,
-            process.pid,
-            process.exitcode,
-            delay,
+            "front end %d (pid %d) exited with code %s; starting a new one in %.1f s", index, process.pid, code, delay
         )
-        asyncio.get_running_loop().call_later(delay, self._start_frontend, index)
+        loop.call_later(delay, self._start_frontend, index)
 
     async def _stop_frontends(self) -> None:
         """SIGTERM every front end and wait for them to drain; SIGKILL any still there after the bound."""
@@ -140,28 +154,29 @@ class Pod:
         if not live:
             return
         for process in live:
-            if process.pid is not None:
-                _signal(process.pid, signal.SIGTERM)
+            _signal(process.pid, signal.SIGTERM)
         bound = self.settings.server.graceful_timeout + _KILL_MARGIN_S
         try:
             await asyncio.wait_for(self._all_exited.wait(), bound)
         except asyncio.TimeoutError:
             for process in live:
-                if process.is_alive() and process.pid is not None:
+                if process.poll() is None:
                     log.error("front end pid %d did not drain within %.0f s; killing it", process.pid, bound)
                     _signal(process.pid, signal.SIGKILL)
-                    process.join(5)
+                    process.wait(5)
 
 
-def run_pod(settings: Settings, flow: Flow, host: str, port: int) -> int:
-    """Bind ``host:port`` and serve ``flow`` with ``settings.server.front_ends`` front ends; the exit code."""
+def run_pod(settings: Settings, config_path: str, flow: Flow, host: str, port: int) -> int:
+    """Bind ``host:port`` and serve ``flow`` with ``settings.server.front_ends`` front ends; the exit code.
+
+    The front ends read their settings from ``config_path`` (and the environment), as this process did.
+    """
     sockets = listen(host, port, settings.server.front_ends)
-    metrics_dir = tempfile.mkdtemp(prefix="aqueduct-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by the front ends' prometheus_client
+    metrics_dir = tempfile.mkdtemp(prefix="aqueduct-metrics-")  # the front ends' prometheus_client files
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(Pod(settings, flow, sockets, metrics_dir).run())
+        return loop.run_until_complete(Pod(settings, config_path, flow, sockets, metrics_dir).run())
     finally:
         loop.close()
         for sock in sockets:

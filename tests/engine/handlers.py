@@ -108,3 +108,15 @@ class ThreadReporter(BaseTaskHandler):
     def handle(self, *tasks: Task) -> None:
         for task in tasks:
             task.result = self.seen
+
+
+class DiesInStartAfterMarker(Recorder):
+    """Starts normally until the file ``marker`` exists; from then on, its ``on_start`` kills the process."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def on_start(self) -> None:
+        if self.marker.exists():
+            os._exit(3)

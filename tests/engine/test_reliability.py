@@ -280,7 +280,8 @@ async def test_metrics_count_outcomes_batches_and_restarts() -> None:
     assert "aqueduct_task_latency_seconds_count 2.0" in text
     assert 'aqueduct_queue_depth{step="detect"} 0.0' in text
     assert 'aqueduct_workers_alive{step="detect"} 1.0' in text
-    assert 'aqueduct_worker_restarts_total{step="detect"} 0.0' in text
+    for reason in ("start", "killed", "exited"):
+        assert f'aqueduct_worker_restarts_total{{reason="{reason}",step="detect"}} 0.0' in text
 
 
 async def test_metrics_can_be_switched_off() -> None:

@@ -123,11 +123,11 @@ class Server:
         assert not segments, f"shared memory left by the server: {segments}"
 
     def frontend_pids(self) -> list[int]:
-        """The pids of the front-end processes (children started with the ``spawn`` method)."""
+        """The pids of the front-end processes."""
         return sorted(
             pid
             for pid in group_pids(self.proc.pid)
-            if pid != self.proc.pid and b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"aqueduct_service.frontend" in Path(f"/proc/{pid}/cmdline").read_bytes()
         )
 
 

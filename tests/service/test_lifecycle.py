@@ -50,20 +50,31 @@ def test_live_while_workers_start_then_ready(start_server: Any, workers: int) ->
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_killed_worker_turns_ready_false_then_true(start_server: Any, workers: int) -> None:
+def test_killed_worker_is_replaced_while_the_pod_stays_ready(start_server: Any, workers: int) -> None:
     doc = config(steps=[echo_step(nprocs=2)], server={"log_level": "warning", "workers": workers})
     server = start_server(doc, env={"TEST_START_SLEEP": "1"})
-    step = server.health()["steps"][0]
-    victim = step["pids"][0]
+    victim = server.health()["steps"][0]["pids"][0]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: server.client.get("/v2/health/ready").status_code == 503, 30, "not ready after the kill")
-    # the other worker keeps serving while the replacement runs on_start
-    assert server.client.post("/v2/models/echo/infer", json=infer_body([1])).status_code == 200
-    server.wait_ready()
+    wait_for(lambda: victim not in server.health()["steps"][0]["pids"], 30, "the kill to be seen")
+    # the other worker keeps serving while the replacement runs on_start: the pod stays in its Service
     step = server.health()["steps"][0]
-    assert victim not in step["pids"] and len(step["pids"]) == 2 and step["restarts"] == 1
+    assert step["alive"] >= 1 and server.client.get("/v2/health/ready").status_code == 200
+    assert server.client.post("/v2/models/echo/infer", json=infer_body([1])).status_code == 200
+    wait_for(lambda: server.health()["steps"][0]["alive"] == 2, 30, "the replacement")
+    step = server.health()["steps"][0]
+    assert len(step["pids"]) == 2 and step["restarts"] == 1 and step["restart_reasons"] == {"killed": 1}
     replies = [server.client.post("/v2/models/echo/infer", json=infer_body([i])) for i in range(10)]
     assert [r.status_code for r in replies] == [200] * 10
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_only_worker_killed_turns_ready_false_then_true(start_server: Any, workers: int) -> None:
+    doc = config(steps=[echo_step()], server={"log_level": "warning", "workers": workers})
+    server = start_server(doc, env={"TEST_START_SLEEP": "1"})
+    os.kill(server.health()["steps"][0]["pids"][0], signal.SIGKILL)
+    wait_for(lambda: server.client.get("/v2/health/ready").status_code == 503, 30, "not ready after the kill")
+    server.wait_ready()
+    assert server.client.post("/v2/models/echo/infer", json=infer_body([1])).status_code == 200
 
 
 def test_sigterm_answers_requests_in_flight_and_exits_0(start_server: Any, tmp_path: Path) -> None:
