@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -14,13 +15,14 @@ MODEL_PATH_ENV = "MODEL_PATH"
 
 
 class ResNetHandler(BaseTaskHandler):
-    """Classifies ``image`` (UINT8 [224, 224, 3]) into ``class_ids``, ``labels`` and ``scores`` (top ``topk``).
+    """Classifies ``image`` (UINT8 [224, 224, 3]) into the ``topk`` ImageNet ``labels`` (class ids) and ``scores``.
 
     Options (a step's ``options`` in the config file or the Pipeline):
 
-    - ``weights``: path of a state dict (``torch.save(model.state_dict(), path)``); unset: the file
-      ``$MODEL_PATH`` names (the operator sets it from ``spec.model``); neither: random weights.
-    - ``topk``: how many classes to answer (default 5).
+    - ``weights``: path of a state dict (``torch.save(model.state_dict(), path)``, torchvision's
+      ``resnet50`` checkpoints included); unset: the file ``$MODEL_PATH`` names (the operator sets it
+      from ``spec.model``); neither: random weights (the same in every worker).
+    - ``topk``: how many classes to answer, best first (default 5).
     - ``device``: ``cuda``, ``cuda:1``, ``cpu``...; unset: ``cuda`` when a GPU is visible.
 
     The constructor runs in the serving pod's main process and only keeps the options; torch (and
@@ -33,20 +35,19 @@ class ResNetHandler(BaseTaskHandler):
         self.weights = weights or os.environ.get(MODEL_PATH_ENV) or None
         self.topk = topk
         self.device = device
+        self.resnet: ModuleType | None = None
         self.model: Any = None
 
     def on_start(self) -> None:
-        from examples.resnet import model  # torch is imported in the worker, never in the parent
+        from examples.resnet import model as resnet  # torch is imported in the worker, never in the parent
 
-        self._model = model
-        self.model = model.build_model(self.weights, self.device or model.default_device())
-        model.predict(self.model, np.zeros((1, *model.IMAGE_SHAPE), np.uint8), self.topk)  # warm-up
+        self.resnet = resnet
+        self.model = resnet.build_model(self.weights, self.device or resnet.default_device())
+        resnet.predict(self.model, np.zeros((1, *resnet.IMAGE_SHAPE), np.uint8), self.topk)  # warm-up
 
     def handle(self, *tasks: InferenceTask) -> None:
-        images = np.stack([task.inputs["image"] for task in tasks])
-        ids, scores = self._model.predict(self.model, images, self.topk)
-        names = self._model.labels(ids)
-        for task, task_ids, task_scores, task_names in zip(tasks, ids, scores, names, strict=True):
-            task.outputs["class_ids"] = task_ids
+        assert self.resnet is not None, "on_start() loads the model"
+        labels, scores = self.resnet.predict(self.model, np.stack([task.inputs["image"] for task in tasks]), self.topk)
+        for task, task_labels, task_scores in zip(tasks, labels, scores, strict=True):
+            task.outputs["labels"] = task_labels
             task.outputs["scores"] = task_scores
-            task.outputs["labels"] = task_names
