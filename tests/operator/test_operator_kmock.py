@@ -250,7 +250,10 @@ async def test_model_storage_and_the_operators_image(
     assert {"name": "cache", "mountPath": "/var/cache/torch"} in serve["volumeMounts"]
     assert {"name": "MODEL_PATH", "value": "/mnt/models/resnet50.pt"} in serve["env"]
 
-    # The kubelet's part: the pod's init container fails to download and backs off.
+    # The kubelet's part: the pod's init container fails to download and backs off. (Pods that exist before
+    # kopf's pod watch starts come in its initial listing, which the operator leaves to the resync timer.)
+    await wait_for(lambda: any(r.url.path.endswith("/pods") and r.params.get("watch") == "true"
+                               for r in kube.shim.requests), what="kopf watching pods")
     await asyncio.to_thread(kube.core.create_namespaced_pod, NS, {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "resnet-5d4f-x2b9q", "labels": template["metadata"]["labels"]},
