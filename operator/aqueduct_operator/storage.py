@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 MODEL_DIR = "/mnt/models"
 MODEL_VOLUME = "model"
@@ -71,7 +71,12 @@ class Model:
         parts = urlsplit(self.storage_uri)
         if self.scheme == "pvc":
             return posixpath.join(MODEL_DIR, parts.path.lstrip("/")).rstrip("/") or MODEL_DIR
-        return posixpath.join(MODEL_DIR, posixpath.basename(parts.path))
+        return posixpath.join(MODEL_DIR, _file_name(parts.path))
+
+
+def _file_name(path: str) -> str:
+    """The name ``aqueduct-fetch`` gives the download: the URI path's last segment, percent-decoded."""
+    return unquote(path.rsplit("/", 1)[-1])
 
 
 def _text(value: Any, field: str) -> str:
@@ -100,7 +105,7 @@ def parse_model(raw: Any) -> Model:
             raise StorageError("model.storageUri", f"pvc://CLAIM/PATH needs a valid claim name, got {uri!r}")
         if ".." in parts.path.split("/"):
             raise StorageError("model.storageUri", f"the path must stay inside the claim, got {uri!r}")
-    elif not parts.netloc or not posixpath.basename(parts.path):
+    elif not parts.netloc or _file_name(parts.path) in ("", ".", "..") or "/" in _file_name(parts.path):
         raise StorageError("model.storageUri", f"must name a host (bucket) and end in a file name, got {uri!r}")
     sha256 = raw.get("sha256")
     if sha256 is not None and not (isinstance(sha256, str) and SHA256_RE.match(sha256)):

@@ -51,7 +51,7 @@ def file_name(uri: str) -> str:
     if not parts.netloc:
         raise FetchError(f"{uri}: no {'bucket' if parts.scheme == 's3' else 'host'} in the URI")
     name = unquote(parts.path.rsplit("/", 1)[-1])
-    if not name or name in (".", ".."):
+    if name in ("", ".", "..") or "/" in name:
         raise FetchError(f"{uri}: the URI names no file (it must end in a file name)")
     return name
 

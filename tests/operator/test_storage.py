@@ -48,6 +48,9 @@ def test_https_model_is_fetched_by_an_init_container_of_the_same_image() -> None
     assert {"name": "model", "mountPath": "/mnt/models"} in init["volumeMounts"]
     assert {"name": "model", "mountPath": "/mnt/models", "readOnly": True} in serve["volumeMounts"]
     assert env_of(serve)["MODEL_PATH"] == "/mnt/models/resnet50.pt"
+    # The name aqueduct-fetch gives the file (percent-decoded, query left out).
+    (serve,) = pod_of(with_spec(model={"storageUri": "https://h/r50%20v2.pt?sig=x"}))["containers"]
+    assert env_of(serve)["MODEL_PATH"] == "/mnt/models/r50 v2.pt"
 
 
 def test_s3_model_gets_endpoint_region_and_credentials_from_a_secret() -> None:
@@ -98,6 +101,7 @@ def test_an_image_in_the_spec_wins_over_the_operators() -> None:
 @pytest.mark.parametrize(("changes", "field"), [
     ({"model": {"storageUri": "ftp://host/m.pt"}}, "spec.model.storageUri"),
     ({"model": {"storageUri": "https://host/"}}, "spec.model.storageUri"),
+    ({"model": {"storageUri": "https://host/..%2Fetc%2Fpasswd"}}, "spec.model.storageUri"),
     ({"model": {"storageUri": "pvc://Bad_Claim/m"}}, "spec.model.storageUri"),
     ({"model": {"storageUri": "pvc://claim/../etc"}}, "spec.model.storageUri"),
     ({"model": {"storageUri": "https://h/m.pt", "sha256": "ABC"}}, "spec.model.sha256"),

@@ -122,6 +122,7 @@ def test_s3_download_with_endpoint_region_and_credentials(s3_endpoint: str, aws_
         ("http://127.0.0.1:{closed}/model.pt", [], "http://127.0.0.1:{closed}/model.pt: cannot download:"),
         ("ftp://example.com/model.pt", [], "ftp://example.com/model.pt: unsupported scheme 'ftp'"),
         ("{http}/resnet/", [], "{http}/resnet/: the URI names no file"),
+        ("{http}/resnet/..%2Fescape.pt", [], "{http}/resnet/..%2Fescape.pt: the URI names no file"),
         ("s3:///model.pt", [], "s3:///model.pt: no bucket in the URI"),
         ("s3://models/resnet/missing.pt", ["--s3-endpoint", "{s3}"], "s3://models/resnet/missing.pt: S3 NoSuchKey: "),
         ("s3://nobucket/model.pt", ["--s3-endpoint", "{s3}"], "s3://nobucket/model.pt: S3 NoSuchBucket: "),
