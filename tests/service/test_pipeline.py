@@ -8,7 +8,9 @@ import pytest
 from aqueduct_service.pipeline import build_flow
 from aqueduct_service.settings import ConfigError, Settings, StepSettings, parse_settings
 
+from tests.service.conftest import echo_config
 from tests.service.handlers import ScaleHandler
+from tests.service.test_server import infer_body
 
 
 def settings(**step: object) -> Settings:
@@ -85,3 +87,12 @@ def test_option_names_must_be_identifiers() -> None:
     doc = {"version": 1, "name": "m", "steps": [{"name": "s", "handler": "a:B", "options": {"top-k": 5}}]}
     with pytest.raises(ConfigError, match=r"steps\[0\]\.options: 'top-k' does not match"):
         parse_settings(doc, {})
+
+
+def test_options_reach_the_handler_in_the_serving_pod(start_server: Any) -> None:
+    step = {"name": "scale", "handler": "tests.service.handlers:ScaleHandler", "options": {"factor": 3, "offset": 1}}
+    server = start_server(echo_config(steps=[step]))
+    reply = server.client.post("/v2/models/echo/infer", json=infer_body([1, 2]))
+    assert reply.status_code == 200, reply.text
+    (output,) = reply.json()["outputs"]
+    assert output["data"] == [4, 7]
