@@ -1,6 +1,7 @@
 # One image for both entry points of aqueduct:
 #   aqueduct-serve     the serving pod (default command, port 8080)
 #   aqueduct-operator  the Pipeline operator (the Helm chart sets this command)
+#   aqueduct-fetch     downloads a Pipeline's model (storageUri) in the serving pod's init container
 #
 # Build from another base (e.g. on a machine without a registry, see scripts/ci/base-image.sh):
 #   DOCKER_BUILDKIT=0 docker build --network host --build-arg BASE=local/python:3.11-bookworm -t aqueduct:dev .

@@ -27,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.utils.quantity import parse_quantity
 
 from aqueduct_operator import GROUP, PLURAL, VERSION, status
-from aqueduct_operator.render import PIPELINE_LABEL, render
+from aqueduct_operator.render import PIPELINE_LABEL, render, selector_labels
 from aqueduct_operator.spec import InvalidSpec, PipelineSpec, parse
 
 USER_AGENT = "aqueduct-operator"
@@ -106,6 +106,14 @@ class Cluster:
         return _json(patch(
             name, namespace, ops, _content_type=JSON_PATCH, _preload_content=False, _request_timeout=TIMEOUT
         ))
+
+    def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Pods carrying every one of ``labels`` (filtered here too: a selector is only a hint to some servers)."""
+        selector = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+        items: list[dict[str, Any]] = _json(self.core.list_namespaced_pod(
+            namespace, label_selector=selector, _preload_content=False, _request_timeout=TIMEOUT
+        )).get("items") or []
+        return [pod for pod in items if labels.items() <= ((pod.get("metadata") or {}).get("labels") or {}).items()]
 
     def get_pipeline(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -265,8 +273,12 @@ def _write_status(
             emit("Normal", after.get("reason", "NotReady"), after.get("message", ""))
 
 
-def reconcile(cluster: Cluster, namespace: str, name: str, emit: Emit) -> dict[str, Any] | None:
+def reconcile(
+    cluster: Cluster, namespace: str, name: str, emit: Emit, default_image: str | None = None
+) -> dict[str, Any] | None:
     """Bring the Pipeline ``namespace/name``'s children and status in line with its spec.
+
+    ``default_image`` serves Pipelines without ``spec.image``.
 
     Returns the status written (or kept), None when the Pipeline is gone or being deleted.
     Transient API failures (5xx, timeouts) propagate, for the caller to retry later.
@@ -278,7 +290,7 @@ def reconcile(cluster: Cluster, namespace: str, name: str, emit: Emit) -> dict[s
         generation = int(body["metadata"].get("generation") or 0)
         previous = body.get("status") or {}
         try:
-            spec = parse(body)
+            spec = parse(body, default_image)
         except InvalidSpec as e:
             new = status.failed(generation, status.Failure("InvalidSpec", str(e)), previous, now())
             _write_status(cluster, body, new, emit)
@@ -307,7 +319,9 @@ def reconcile(cluster: Cluster, namespace: str, name: str, emit: Emit) -> dict[s
             _write_status(cluster, body, new, emit)
             return new
 
-        new = status.compute(spec, deployment, previous, now())
+        # Only a downloading init container fails in a way the Deployment's status does not tell.
+        pods = cluster.list_pods(namespace, selector_labels(spec)) if spec.model and spec.model.fetched else []
+        new = status.compute(spec, deployment, previous, now(), pods)
         _write_status(cluster, body, new, emit)
         return new
 

@@ -23,6 +23,8 @@ from aqueduct_operator.render import MANAGED_BY, PIPELINE_LABEL
 RESYNC_SECONDS = float(os.environ.get("AQUEDUCT_OPERATOR_RESYNC_SECONDS", "60"))
 RETRY_DELAY = float(os.environ.get("AQUEDUCT_OPERATOR_RETRY_SECONDS", "10"))
 CHILDREN = {"app.kubernetes.io/managed-by": MANAGED_BY}
+# The image a Pipeline without spec.image runs: the operator's own (the Helm chart sets it).
+IMAGE_ENV = "AQUEDUCT_OPERATOR_IMAGE"
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def _run(memo: Any, namespace: str | None, name: str, uid: str | None = None) ->
         kopf.event(ref, type=type_, reason=reason, message=message[:1000])  # type: ignore[arg-type]
 
     try:
-        reconcile(memo.cluster, namespace, name, emit)
+        reconcile(memo.cluster, namespace, name, emit, default_image=os.environ.get(IMAGE_ENV) or None)
     except ApiException as e:
         raise kopf.TemporaryError(f"API error {e.status} {e.reason}", delay=RETRY_DELAY) from e
     except urllib3.exceptions.HTTPError as e:
@@ -72,6 +74,7 @@ def resync(memo: Any, namespace: str | None, name: str, uid: str, **_: Any) -> N
     _run(memo, namespace, name, uid)
 
 
+@kopf.on.event("", "v1", "pods", labels=CHILDREN)  # a model download (init container) failing
 @kopf.on.event("apps", "v1", "deployments", labels=CHILDREN)
 @kopf.on.event("", "v1", "configmaps", labels=CHILDREN)
 @kopf.on.event("", "v1", "services", labels=CHILDREN)

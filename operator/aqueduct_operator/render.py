@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from aqueduct_operator import API_VERSION, KIND
-from aqueduct_operator.spec import PipelineSpec, Tensor, parse
+from aqueduct_operator import API_VERSION, KIND, storage
+from aqueduct_operator.spec import PipelineSpec, Step, Tensor, parse
 
 CONFIG_DIR = "/etc/aqueduct"
 CONFIG_FILE = "config.yaml"
@@ -94,6 +94,21 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
+def _step(step: Step) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "name": step.name,
+        "handler": step.handler,
+        "nprocs": step.nprocs,
+        "batch_size": step.batch_size,
+        "batch_timeout": _number(step.batch_timeout),
+        "latency_target": None if step.latency_target is None else _number(step.latency_target),
+        "handle_condition": step.handle_condition,
+    }
+    if step.options:  # only when set: Pipelines without options keep their config (and pods) unchanged
+        config["options"] = dict(step.options)
+    return config
+
+
 def serving_config(spec: PipelineSpec) -> dict[str, Any]:
     """The serving pod's config document (``config.schema.json``, version 1): camelCase -> snake_case."""
     server: dict[str, Any] = {
@@ -111,18 +126,7 @@ def serving_config(spec: PipelineSpec) -> dict[str, Any]:
     return {
         "version": 1,
         "name": spec.name,
-        "steps": [
-            {
-                "name": step.name,
-                "handler": step.handler,
-                "nprocs": step.nprocs,
-                "batch_size": step.batch_size,
-                "batch_timeout": _number(step.batch_timeout),
-                "latency_target": None if step.latency_target is None else _number(step.latency_target),
-                "handle_condition": step.handle_condition,
-            }
-            for step in spec.steps
-        ],
+        "steps": [_step(step) for step in spec.steps],
         "inputs": [_tensor(t) for t in spec.inputs],
         "outputs": [_tensor(t) for t in spec.outputs],
         "queue_size": spec.queue_size,
@@ -193,8 +197,13 @@ def deployment(spec: PipelineSpec, checksum: str) -> dict[str, Any]:
     }
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
-    if spec.env:
-        container["env"] = [dict(item) for item in spec.env]
+    env = [dict(item) for item in spec.env]
+    if spec.model is not None:
+        env.insert(0, {"name": storage.MODEL_PATH_ENV, "value": spec.model.path})
+        container["volumeMounts"].append(storage.model_mount())
+    container["volumeMounts"] += [dict(mount) for mount in spec.volume_mounts]
+    if env:
+        container["env"] = env
     if spec.resources:
         container["resources"] = {kind: dict(values) for kind, values in spec.resources.items()}
 
@@ -216,6 +225,13 @@ def deployment(spec: PipelineSpec, checksum: str) -> dict[str, Any]:
             {"name": "tmp", "emptyDir": {}},
         ],
     }
+    if spec.model is not None:
+        pod_spec["volumes"].append(storage.model_volume(spec.model))
+        if spec.model.fetched:
+            pod_spec["initContainers"] = [storage.fetch_container(spec.model, spec.image, container["securityContext"])]
+            if spec.image_pull_policy:
+                pod_spec["initContainers"][0]["imagePullPolicy"] = spec.image_pull_policy
+    pod_spec["volumes"] += [dict(volume) for volume in spec.volumes]
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
     if spec.node_selector:
@@ -263,6 +279,6 @@ def render(spec: PipelineSpec) -> list[dict[str, Any]]:
     return [cm, deployment(spec, config_checksum(cm["data"][CONFIG_FILE])), service(spec)]
 
 
-def desired_objects(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+def desired_objects(body: Mapping[str, Any], default_image: str | None = None) -> list[dict[str, Any]]:
     """``Pipeline`` object -> desired objects. Raises :class:`~aqueduct_operator.spec.InvalidSpec`."""
-    return render(parse(body))
+    return render(parse(body, default_image))

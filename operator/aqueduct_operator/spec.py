@@ -14,6 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aqueduct_operator.storage import (
+    MODEL_PATH_ENV,
+    Model,
+    StorageError,
+    parse_model,
+    parse_volume_mounts,
+    parse_volumes,
+)
+
 # Same patterns as the CRD and config.schema.json (tests/contract checks all three agree).
 STEP_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$")
 IMPORT_REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
@@ -53,9 +62,16 @@ SPEC_FIELDS = frozenset(
         "imagePullSecrets",
         "serviceAccountName",
         "podAnnotations",
+        "model",
+        "volumes",
+        "volumeMounts",
     }
 )
-STEP_FIELDS = frozenset({"name", "handler", "nprocs", "batchSize", "batchTimeout", "latencyTarget", "handleCondition"})
+STEP_FIELDS = frozenset(
+    {"name", "handler", "nprocs", "batchSize", "batchTimeout", "latencyTarget", "handleCondition", "options"}
+)
+# Handler options are keyword arguments of the handler's constructor.
+OPTION_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class InvalidSpec(ValueError):
@@ -76,6 +92,7 @@ class Step:
     batch_timeout: float = 0.0
     latency_target: float | None = None
     handle_condition: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,9 @@ class PipelineSpec:
     image_pull_secrets: tuple[str, ...] = ()
     service_account_name: str | None = None
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    model: Model | None = None
+    volumes: tuple[Mapping[str, Any], ...] = ()
+    volume_mounts: tuple[Mapping[str, Any], ...] = ()
 
 
 def _is_int(value: Any) -> bool:
@@ -182,6 +202,14 @@ def _import_ref(value: Any, path: str, what: str) -> str:
     return text
 
 
+def _options(raw: Any, path: str) -> dict[str, Any]:
+    options = dict(_mapping(raw, path))
+    for key in options:
+        if not OPTION_NAME_RE.match(str(key)):
+            raise InvalidSpec(f"{path}.{key}", "option names are keyword arguments: letters, digits and '_'")
+    return options
+
+
 def _step(raw: Any, path: str) -> Step:
     obj = _mapping(raw, path)
     _unknown(obj, STEP_FIELDS, path)
@@ -206,6 +234,7 @@ def _step(raw: Any, path: str) -> Step:
         handle_condition=None
         if condition is None
         else _import_ref(condition, f"{path}.handleCondition", "a condition function:function"),
+        options=_options(obj.get("options") or {}, f"{path}.options"),
     )
 
 
@@ -297,8 +326,10 @@ def _tolerations(raw: Any, path: str) -> tuple[Mapping[str, Any], ...]:
     return tuple(result)
 
 
-def parse(body: Mapping[str, Any]) -> PipelineSpec:
+def parse(body: Mapping[str, Any], default_image: str | None = None) -> PipelineSpec:
     """Validate a ``Pipeline`` object (as the API returns it) into a :class:`PipelineSpec`.
+
+    ``default_image`` serves a Pipeline without ``spec.image`` (the operator passes its own image).
 
     Raises:
         InvalidSpec: naming the first offending field.
@@ -315,8 +346,8 @@ def parse(body: Mapping[str, Any]) -> PipelineSpec:
     if spec is None:
         raise InvalidSpec("spec", "is required")
     _unknown(spec, SPEC_FIELDS, "spec")
-    if "image" not in spec:
-        raise InvalidSpec("spec.image", "is required")
+    if "image" not in spec and not default_image:
+        raise InvalidSpec("spec.image", "is required (the operator has no default image)")
     if "steps" not in spec:
         raise InvalidSpec("spec.steps", "is required")
 
@@ -355,13 +386,24 @@ def parse(body: Mapping[str, Any]) -> PipelineSpec:
         _unknown(secret_ref, frozenset({"name"}), f"spec.imagePullSecrets[{i}]")
         pull_secrets.append(_str(secret_ref.get("name"), f"spec.imagePullSecrets[{i}].name"))
     service_account = spec.get("serviceAccountName")
+    try:
+        model = None if spec.get("model") is None else parse_model(spec["model"])
+        volumes = parse_volumes(spec.get("volumes", []))
+        volume_mounts = parse_volume_mounts(spec.get("volumeMounts", []), volumes)
+    except StorageError as e:
+        raise InvalidSpec(f"spec.{e.field}", e.message) from None
+    env = _env(spec.get("env", []), "spec.env")
+    if model is not None:
+        for i, item in enumerate(env):
+            if item["name"] == MODEL_PATH_ENV:
+                raise InvalidSpec(f"spec.env[{i}].name", f"{MODEL_PATH_ENV} is set by the operator from spec.model")
 
     return PipelineSpec(
         name=name,
         namespace=str(meta.get("namespace") or "default"),
         uid=str(meta.get("uid", "")),
         generation=int(meta.get("generation") or 0),
-        image=_str(spec["image"], "spec.image"),
+        image=_str(spec["image"], "spec.image") if "image" in spec else str(default_image),
         image_pull_policy=pull_policy,
         steps=steps,
         replicas=_int(spec.get("replicas", 1), "spec.replicas", lo=0, hi=1000),
@@ -387,10 +429,13 @@ def parse(body: Mapping[str, Any]) -> PipelineSpec:
         if server.get("arenaBytes") is None
         else _int(server["arenaBytes"], "spec.server.arenaBytes", lo=0),
         resources=_resources(spec.get("resources") or {}, "spec.resources"),
-        env=_env(spec.get("env", []), "spec.env"),
+        env=env,
         node_selector=_string_map(spec.get("nodeSelector") or {}, "spec.nodeSelector"),
         tolerations=_tolerations(spec.get("tolerations", []), "spec.tolerations"),
         image_pull_secrets=tuple(pull_secrets),
         service_account_name=None if service_account is None else _str(service_account, "spec.serviceAccountName"),
         pod_annotations=_string_map(spec.get("podAnnotations") or {}, "spec.podAnnotations"),
+        model=model,
+        volumes=volumes,
+        volume_mounts=volume_mounts,
     )

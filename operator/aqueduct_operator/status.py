@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aqueduct_operator import storage
 from aqueduct_operator.render import selector_string, url
 from aqueduct_operator.spec import PipelineSpec
 
@@ -18,6 +19,7 @@ READY = "Ready"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
+MODEL_FETCH_FAILED = "ModelFetchFailed"
 # Keys of .status this operator owns (anything else, e.g. kopf's bookkeeping, is left alone).
 OWNED_KEYS = ("observedGeneration", "replicas", "readyReplicas", "selector", "url", "conditions")
 
@@ -76,9 +78,18 @@ def _deployment_condition(deployment: Mapping[str, Any], kind: str) -> Mapping[s
 
 
 def compute(
-    spec: PipelineSpec, deployment: Mapping[str, Any] | None, previous: Mapping[str, Any], now: str
+    spec: PipelineSpec,
+    deployment: Mapping[str, Any] | None,
+    previous: Mapping[str, Any],
+    now: str,
+    pods: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Status of a valid Pipeline whose children are applied, from its Deployment (None: not there yet)."""
+    """Status of a valid Pipeline whose children are applied, from its Deployment (None: not there yet).
+
+    ``pods`` are the Pipeline's pods, read when an init container downloads the model: a failed
+    download makes the Pipeline Degraded (and not Ready while replicas are missing) with reason
+    ``ModelFetchFailed`` and the fetcher's message.
+    """
     before = _by_type(previous.get("conditions"))
     gen = spec.generation
     desired = spec.replicas
@@ -100,6 +111,9 @@ def compute(
             failure = (progressing.get("reason") or "ProgressDeadlineExceeded", progressing.get("message", ""))
         elif replica_failure.get("status") == "True":
             failure = (replica_failure.get("reason") or "ReplicaFailure", replica_failure.get("message", ""))
+    fetch_failure = storage.fetch_failure(pods)
+    if fetch_failure is not None and failure is None:
+        failure = (MODEL_FETCH_FAILED, fetch_failure)
 
     rolled_out = observed and updated >= desired and replicas == desired and available >= desired
     if deployment is None:
@@ -108,6 +122,8 @@ def compute(
         ready_c = (False, "ScaledToZero", "spec.replicas is 0")
     elif ready >= desired and available >= desired:
         ready_c = (True, "AllReplicasReady", f"{ready}/{desired} replicas ready")
+    elif fetch_failure is not None:
+        ready_c = (False, MODEL_FETCH_FAILED, fetch_failure)
     else:
         ready_c = (False, "ReplicasNotReady", f"{ready}/{desired} replicas ready")
     if rolled_out:

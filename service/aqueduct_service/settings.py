@@ -40,7 +40,10 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class StepSettings:
-    """One flow step: its handler (``"package.module:ClassName"``), worker count and batching."""
+    """One flow step: its handler (``"package.module:ClassName"``), worker count, batching and options.
+
+    ``options`` are keyword arguments of the handler's constructor.
+    """
 
     name: str
     handler: str
@@ -49,6 +52,7 @@ class StepSettings:
     batch_timeout: float = 0.0
     latency_target: float | None = None
     handle_condition: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

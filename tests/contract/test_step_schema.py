@@ -88,7 +88,7 @@ def test_top_level_constraints_agree() -> None:
 
 
 def validate_config(body: dict[str, Any]) -> dict[str, Any]:
-    cm = next(obj for obj in desired_objects(body) if obj["kind"] == "ConfigMap")
+    cm = next(obj for obj in desired_objects(body, default_image="aqueduct:dev") if obj["kind"] == "ConfigMap")
     config = yaml.safe_load(cm["data"]["config.yaml"])
     jsonschema.Draft202012Validator(crd.config_schema()).validate(config)
     return config

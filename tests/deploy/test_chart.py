@@ -149,6 +149,8 @@ def test_operator_deployment() -> None:
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "aqueduct:0.1.0"  # tag defaults to appVersion
+    # Pipelines without spec.image run the operator's own image (aqueduct_operator.handlers.IMAGE_ENV).
+    assert {"name": "AQUEDUCT_OPERATOR_IMAGE", "value": "aqueduct:0.1.0"} in container["env"]
     assert container["command"] == ["aqueduct-operator"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["port"] == "health"

@@ -8,15 +8,19 @@ Containers run as Kubernetes runs them: read-only root filesystem, writable /tmp
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +100,34 @@ def test_image_user_and_contents(docker: Docker, aqueduct_image: str) -> None:
     assert "8080/tcp" in inspect["ExposedPorts"]
 
 
-@pytest.mark.parametrize("command", ["aqueduct-serve", "aqueduct-operator"])
+@pytest.mark.parametrize("command", ["aqueduct-serve", "aqueduct-operator", "aqueduct-fetch"])
 def test_both_entry_points(docker: Docker, aqueduct_image: str, command: str) -> None:
     proc = docker("run", "--rm", "--network", "host", aqueduct_image, command, "--help")
     assert f"usage: {command}" in proc.stdout
+
+
+def test_fetch_init_container_downloads_the_model(docker: Docker, aqueduct_image: str, tmp_path: Path) -> None:
+    """aqueduct-fetch as the operator runs it (read-only root, the model folder an emptyDir): ok, then a 404."""
+    (tmp_path / "model.pt").write_bytes(b"weights" * 1000)
+    sha256 = hashlib.sha256(b"weights" * 1000).hexdigest()
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    run = ("run", "--rm", "--network", "host", "--read-only", "--tmpfs", "/tmp", "--tmpfs", "/mnt/models:uid=10001",
+           aqueduct_image)
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        ok = docker(*run, "sh", "-c", f"aqueduct-fetch {base}/model.pt /mnt/models --sha256 {sha256} "
+                    "&& sha256sum /mnt/models/model.pt")
+        assert sha256 in ok.stdout, ok.stdout + ok.stderr
+        missing = docker(*run, "aqueduct-fetch", f"{base}/missing.pt", "/mnt/models", check=False)
+        assert missing.returncode == 1
+        assert f"aqueduct-fetch: {base}/missing.pt: HTTP 404" in missing.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 def test_rebuild_is_cached(docker: Docker, aqueduct_image: str, base_image: str) -> None:

@@ -11,6 +11,11 @@ CLASS = st.from_regex(r"[A-Z][A-Za-z0-9_]{0,10}", fullmatch=True)
 STEP_NAME = st.from_regex(r"[a-z0-9]([-a-z0-9_]{0,8}[a-z0-9])?", fullmatch=True)
 PIPELINE_NAME = st.from_regex(r"[a-z]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True)
 REF = st.builds(lambda mods, cls: ".".join(mods) + ":" + cls, st.lists(IDENT, min_size=1, max_size=3), CLASS)
+OPTION_VALUE = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-1000, 1000), st.text(max_size=12)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(IDENT, inner, max_size=3),
+    max_leaves=6,
+)
 QUANTITY = st.one_of(
     st.integers(1, 64),
     st.sampled_from(["100m", "500m", "1", "2", "0.5", "128Mi", "1Gi", "2G", "1.5Gi"]),
@@ -31,6 +36,8 @@ def steps(draw: st.DrawFn) -> list[dict[str, Any]]:
             step["batchTimeout"] = draw(st.one_of(st.integers(0, 2), st.floats(0, 2.5, allow_nan=False)))
         if draw(st.booleans()):
             step["handleCondition"] = draw(REF)
+        if draw(st.booleans()):
+            step["options"] = draw(st.dictionaries(IDENT, OPTION_VALUE, max_size=3))
         result.append(step)
     return result
 
@@ -73,6 +80,15 @@ def pipelines(draw: st.DrawFn) -> dict[str, Any]:
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if draw(st.booleans()):
         spec["imagePullSecrets"] = [{"name": "regcred"}]
+    if draw(st.booleans()):
+        spec["model"] = draw(st.sampled_from([
+            {"storageUri": "pvc://models/resnet50"},
+            {"storageUri": "https://models.example.com/r50.pt", "sha256": "0" * 64},
+            {"storageUri": "s3://bucket/r50.pt", "s3": {"endpoint": "http://minio:9000", "secretName": "creds"}},
+        ]))
+    if draw(st.booleans()):
+        spec["volumes"] = [{"name": "cache", "emptyDir": {}}]
+        spec["volumeMounts"] = [{"name": "cache", "mountPath": "/var/cache/models", "readOnly": draw(st.booleans())}]
     return {
         "apiVersion": "aqueduct.dev/v1alpha1",
         "kind": "Pipeline",

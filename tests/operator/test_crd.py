@@ -52,7 +52,7 @@ def test_schema_has_cel_rules_for_unique_names() -> None:
 def test_valid_examples_pass_schema_and_operator(path: pathlib.Path) -> None:
     body = crd.load_yaml(path)
     assert crd.errors(body) == []
-    parse(body)
+    parse(body, default_image="aqueduct:dev")  # the chart gives the operator its image (AQUEDUCT_OPERATOR_IMAGE)
 
 
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.name)
@@ -78,6 +78,12 @@ def test_invalid_examples_are_rejected(path: pathlib.Path) -> None:
     ({"server": {"logLevel": "loud"}}, "spec.server.logLevel"),
     ({"imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy"),
     ({"bogus": 1}, "spec"),
+    ({"model": {"storageUri": "ftp://host/m.pt"}}, "spec.model.storageUri"),
+    ({"model": {"storageUri": "s3://b/m.pt", "sha256": "ABC"}}, "spec.model.sha256"),
+    ({"model": {}}, "spec.model"),
+    ({"volumes": [{"emptyDir": {}}]}, "spec.volumes.0"),
+    ({"volumeMounts": [{"name": "cache"}]}, "spec.volumeMounts.0"),
+    ({"steps": [{"name": "a", "handler": "m:C", "options": [1]}]}, "spec.steps.0.options"),
     ({"resources": {"limits": {"memory": "lots"}}}, "spec.resources.limits.memory"),
     ({"steps": [{"name": "a", "handler": "m:C", "batchTimeout": 61}]}, "spec.steps.0.batchTimeout"),
 ])

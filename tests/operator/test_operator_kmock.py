@@ -6,9 +6,11 @@ import asyncio
 import copy
 from typing import Any
 
+import pytest
 import yaml
 from aqueduct_operator import GROUP, PLURAL, VERSION
 from aqueduct_operator.apply import Cluster, reconcile
+from aqueduct_operator.handlers import IMAGE_ENV
 
 from tests.operator import crd
 from tests.operator.conftest import Kube, OperatorThread, wait_for
@@ -225,3 +227,53 @@ async def test_operator_survives_a_flood_of_bad_pipelines(kube: Kube, operator: 
     status_writes = [r for r in kube.shim.requests if r.method.value == "PATCH" and r.url.path.endswith("/status")
                      and "/pipelines/bad-" in r.url.path]
     assert len(status_writes) == len(names)
+
+
+async def test_model_storage_and_the_operators_image(
+    kube: Kube, operator: OperatorThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Pipeline without image runs the operator's; a failed model download shows in its conditions."""
+    monkeypatch.setenv(IMAGE_ENV, "registry.example.com/aqueduct:0.2.0")
+    uri = "https://models.example.com/resnet50.pt"
+    body = pipeline("resnet", model={"storageUri": uri}, volumes=[{"name": "cache", "emptyDir": {}}],
+                    volumeMounts=[{"name": "cache", "mountPath": "/var/cache/torch"}])
+    del body["spec"]["image"]
+    await create(kube, body)
+
+    dep = await wait_for(lambda: read(kube, "Deployment", "resnet"), what="the Deployment")
+    template = dep["spec"]["template"]
+    pod = template["spec"]
+    (init,), (serve,) = pod["initContainers"], pod["containers"]
+    assert init["image"] == serve["image"] == "registry.example.com/aqueduct:0.2.0"
+    assert init["args"][:3] == ["aqueduct-fetch", uri, "/mnt/models"]
+    assert {"name": "cache", "emptyDir": {}} in pod["volumes"] and {"name": "model", "emptyDir": {}} in pod["volumes"]
+    assert {"name": "cache", "mountPath": "/var/cache/torch"} in serve["volumeMounts"]
+    assert {"name": "MODEL_PATH", "value": "/mnt/models/resnet50.pt"} in serve["env"]
+
+    # The kubelet's part: the pod's init container fails to download and backs off. (Pods that exist before
+    # kopf's pod watch starts come in its initial listing, which the operator leaves to the resync timer.)
+    await wait_for(lambda: any(r.url.path.endswith("/pods") and r.params.get("watch") == "true"
+                               for r in kube.shim.requests), what="kopf watching pods")
+    await asyncio.to_thread(kube.core.create_namespaced_pod, NS, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "resnet-5d4f-x2b9q", "labels": template["metadata"]["labels"]},
+        "spec": pod,
+    })
+    message = f"aqueduct-fetch: {uri}: HTTP 404 Not Found"
+    await asyncio.to_thread(
+        kube.core.patch_namespaced_pod_status, "resnet-5d4f-x2b9q", NS,
+        {"status": {"phase": "Pending", "initContainerStatuses": [{
+            "name": "fetch-model", "ready": False, "restartCount": 2, "image": init["image"], "imageID": "",
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": message + "\n"}},
+        }]}},
+        _content_type="application/merge-patch+json",
+    )
+    body = await wait_for(lambda: condition(b := get_pipeline(kube, "resnet"), "Ready").get("reason")
+                          == "ModelFetchFailed" and b, what="Ready=False ModelFetchFailed")
+    assert uri in condition(body, "Ready")["message"] and message in condition(body, "Degraded")["message"]
+    assert condition(body, "Degraded")["status"] == "True"
+    events = await wait_for(lambda: [e for e in kube.core.list_namespaced_event(NS).items
+                                     if e.involved_object.name == "resnet" and e.reason == "ModelFetchFailed"],
+                            what="a ModelFetchFailed event")
+    assert events[0].type == "Warning" and uri in events[0].message

@@ -57,6 +57,14 @@ def test_batch_settings_are_injected_into_the_config_file() -> None:
     assert config["server"]["port"] == 8080
 
 
+def test_handler_options_are_injected_into_the_config_file() -> None:
+    pipeline = example()
+    options = {"weights": "/mnt/models/resnet50.pt", "topk": 3, "labels": {"0": "cat"}}
+    pipeline["spec"]["steps"][0]["options"] = options
+    (step,) = config_of(desired_objects(pipeline))["steps"]
+    assert step["options"] == options
+
+
 def test_latency_target_is_injected_into_the_config_file() -> None:
     pipeline = example()
     pipeline["spec"]["steps"][0]["latencyTarget"] = 0.15

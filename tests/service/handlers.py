@@ -37,3 +37,15 @@ class EchoHandler(BaseTaskHandler):
         for task in tasks:
             task.outputs["y"] = task.inputs["x"]
             task.outputs["batch"] = np.array([len(tasks)], dtype=np.int32)
+
+
+class ScaleHandler(BaseTaskHandler):
+    """Answers ``y = x * factor + offset``; both come from the step's ``options``, ``factor`` is required."""
+
+    def __init__(self, factor: float, *, offset: float = 0.0) -> None:
+        self.factor = factor
+        self.offset = offset
+
+    def handle(self, *tasks: InferenceTask) -> None:
+        for task in tasks:
+            task.outputs["y"] = task.inputs["x"] * self.factor + self.offset

@@ -123,6 +123,11 @@ def run_cli(tmp_path: Path, doc: Any, env: dict[str, str] | None = None) -> subp
         (config(steps=[echo_step(handler="tests.service.nope:X")]), {}, "steps[0].handler: cannot import module"),
         (config(steps=[echo_step(handler="tests.service.handlers:POISON")]), {}, "is not a BaseTaskHandler"),
         ({"name": "x"}, {}, "'version' is a required property"),
+        (
+            config(steps=[echo_step(options={"weights": "/models/w.pt"})]),
+            {},
+            "steps[0].options.weights: step 'echo': tests.service.handlers:EchoHandler does not accept option",
+        ),
     ],
 )
 def test_bad_config_exits_before_binding(tmp_path: Path, doc: Any, env: dict[str, str], message: str) -> None:
