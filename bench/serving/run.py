@@ -14,6 +14,8 @@ one sitting only.
     apt-get install -y wrk
     python3 -m venv /tmp/venv-mosec && /tmp/venv-mosec/bin/pip install mosec==0.9.8 numpy
     .venv/bin/python bench/serving/run.py --servers aqueduct-1,aqueduct-2,mosec --models noop,image
+
+``$AQUEDUCT_PYTHON`` replaces ``.venv/bin/python`` for our pod; ``$WRK`` names a wrk binary.
 """
 
 from __future__ import annotations
@@ -78,57 +80,38 @@ def requests(server: str) -> dict[str, Request]:
         return {
             "noop": Request("/inference", b'{"x":[1,2,3]}', "application/json"),
             "image": Request("/inference", image, "application/octet-stream"),
+            "resnet": Request("/inference", image, "application/octet-stream"),
         }
     noop = {"inputs": [{"name": "x", "shape": [3], "datatype": "INT64", "data": [1, 2, 3]}]}
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "shape": [224, 224, 3],
-                    "datatype": "UINT8",
-                    "parameters": {"binary_data_size": len(image)},
-                }
-            ]
-        }
-    ).encode()
+    tensor = {"name": "image", "shape": [224, 224, 3], "datatype": "UINT8"}
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(image)}}]}).encode()
     return {
         "noop": Request("/v2/models/noop/infer", json.dumps(noop).encode(), "application/json"),
         "image": Request("/v2/models/image/infer", header + image, "application/octet-stream", len(header)),
+        "resnet": Request("/v2/models/resnet/infer", header + image, "application/octet-stream", len(header)),
     }
 
 
+#: Our pod's config for each model.
+CONFIGS = {
+    "noop": REPO / "examples/noop/pipeline.yaml",
+    "image": REPO / "bench/serving/image.yaml",
+    "resnet": REPO / "bench/gpu/pipeline.yaml",
+}
+
+
 def command(server: str, model: str, port: int, mosec_python: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that start ``server`` serving ``model`` on ``port``."""
     env = dict(os.environ)
     if server == "mosec":
-        return [
-            mosec_python,
-            str(HERE / "mosec_app.py"),
-            "--model",
-            model,
-            "--port",
-            str(port),
-            "--address",
-            "127.0.0.1",
-            "--log-level",
-            "error",
-        ], env
-    workers = server.split("-", 1)[1]
-    config = REPO / ("examples/noop/pipeline.yaml" if model == "noop" else "bench/serving/image.yaml")
-    env.update(
-        PYTHONPATH=f"{REPO}:{REPO / 'service'}", AQUEDUCT_SERVER__WORKERS=workers, AQUEDUCT_SERVER__LOG_LEVEL="warning"
-    )
-    return [
-        str(REPO / ".venv/bin/python"),
-        "-m",
-        "aqueduct_service",
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ], env
+        address = ["--port", str(port), "--address", "127.0.0.1", "--log-level", "error"]
+        if model == "resnet":
+            return [mosec_python, str(REPO / "bench/gpu/mosec_resnet.py"), *address], env
+        return [mosec_python, str(HERE / "mosec_app.py"), "--model", model, *address], env
+    env.update(PYTHONPATH=f"{REPO}:{REPO / 'service'}", AQUEDUCT_SERVER__WORKERS=server.split("-", 1)[1])
+    python = os.environ.get("AQUEDUCT_PYTHON", str(REPO / ".venv/bin/python"))
+    address = ["--host", "127.0.0.1", "--port", str(port)]
+    return [python, "-m", "aqueduct_service", "--config", str(CONFIGS[model]), *address], env
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -196,7 +179,7 @@ def bench(server: str, model: str, concurrencies: list[int], args: argparse.Name
     )
     rows = []
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while post(port, request) != 200:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{server} did not start serving {model}")
@@ -239,7 +222,7 @@ def main() -> None:
         default="aqueduct-1,aqueduct-2,mosec",
         help="aqueduct-N (N front-end processes) and/or mosec, comma-separated",
     )
-    parser.add_argument("--models", default="noop,image")
+    parser.add_argument("--models", default="noop,image", help="noop, image and/or resnet (bench/gpu)")
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per level")
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -249,6 +232,8 @@ def main() -> None:
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     rows: list[Row] = []
+    if os.environ.get("WRK"):
+        os.environ["PATH"] = os.path.dirname(os.environ["WRK"]) + os.pathsep + os.environ["PATH"]
     print("| server | model | c | req/s | p50 ms | p99 ms | errors | server CPU % | CPU µs/request |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
