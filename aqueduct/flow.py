@@ -249,7 +249,7 @@ class Flow:
         task.set_timeout(timeout_sec)
         started = loop.time()
         entry = LocalEntry(task, loop.create_future())
-        entry.timer = loop.call_at(started + timeout_sec, _on_deadline, entry)
+        sched.deadlines.add(entry)
         sched.submit(entry)
         try:
             finished = await entry.future
@@ -258,7 +258,6 @@ class Flow:
                 self._metrics.flow_outcome[outcome_of(exc)].inc()
             raise
         finally:
-            entry.timer.cancel()
             sched.complete(entry)
         if finished is not task:
             task.update(finished)
@@ -412,10 +411,6 @@ def _current_loop() -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.get_event_loop_policy().get_event_loop()
-
-
-def _on_deadline(entry: LocalEntry) -> None:
-    entry.fail(TaskTimeoutError())
 
 
 def outcome_of(exc: BaseException) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -56,12 +58,42 @@ def encode(obj: Any, segments: dict[str, Segment], prefix: str) -> Encoded:
         refs.append((seg.name, seg.size, 0, nbytes))
         return False
 
-    stream = io.BytesIO()
-    pickler = _SmallArrayPickler(stream, protocol=5, buffer_callback=out_of_band) if not segments else None
-    if pickler is None:
+    if segments:
         return pickle.dumps(obj, protocol=5, buffer_callback=out_of_band), refs
-    pickler.dump(obj)
-    return stream.getvalue(), refs
+    return _plain.encode(obj, out_of_band), refs
+
+
+class _PlainEncoder(threading.local):
+    """One reusable pickler per thread for tasks that reference no shared segment (the common case):
+    building a ``Pickler`` and its stream costs more than pickling a small task."""
+
+    def __init__(self) -> None:
+        self.stream = io.BytesIO()
+        self.callback: Callable[[pickle.PickleBuffer], bool] | None = None
+        self.pickler = _SmallArrayPickler(self.stream, protocol=5, buffer_callback=self._out_of_band)
+        self.busy = False
+
+    def _out_of_band(self, pb: pickle.PickleBuffer) -> bool:
+        assert self.callback is not None
+        return self.callback(pb)
+
+    def encode(self, obj: Any, callback: Callable[[pickle.PickleBuffer], bool]) -> bytes:
+        if self.busy:  # pickled from within a pickling (a __reduce__ that encodes): no sharing
+            stream = io.BytesIO()
+            _SmallArrayPickler(stream, protocol=5, buffer_callback=callback).dump(obj)
+            return stream.getvalue()
+        self.busy = True
+        self.callback = callback
+        stream = self.stream
+        try:
+            self.pickler.dump(obj)
+            return stream.getvalue()
+        finally:
+            stream.seek(0)
+            stream.truncate()
+            self.pickler.clear_memo()
+            self.callback = None
+            self.busy = False
 
 
 class _SmallArrayPickler(pickle.Pickler):
@@ -75,6 +107,9 @@ class _SmallArrayPickler(pickle.Pickler):
         if type(obj) is np.ndarray and obj.nbytes < SHM_THRESHOLD and obj.dtype.isbuiltin and obj.flags.c_contiguous:
             return _small_array, (obj.tobytes(), obj.dtype.str, obj.shape)
         return NotImplemented
+
+
+_plain = _PlainEncoder()
 
 
 def _small_array(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

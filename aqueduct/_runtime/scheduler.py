@@ -116,7 +116,7 @@ class LocalEntry(Entry):
         self.future = future
         self.segments = task.shared_segments()
         self.keep = frozenset(self.segments)  # share_value's segments belong to the task, not to this trip
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # its own deadline timer, when out of order
 
     @property
     def done(self) -> bool:
@@ -136,6 +136,72 @@ class LocalEntry(Entry):
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+
+
+class Deadlines:
+    """Fails local tasks with ``TaskTimeoutError`` when their deadline passes, with one timer for them all.
+
+    Tasks mostly arrive with the same timeout, so their deadlines come in order: they wait in a
+    queue and one timer is armed for the earliest. A task whose deadline is earlier than the last
+    one queued gets a timer of its own. Tasks that finished leave the queue's head as they finish.
+    """
+
+    def __init__(self) -> None:
+        self.queue: deque[LocalEntry] = deque()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, entry: LocalEntry) -> None:
+        """Watch ``entry``'s deadline."""
+        assert self.loop is not None
+        queue = self.queue
+        if queue and entry.expires_at < queue[-1].expires_at:
+            entry.timer = self.loop.call_later(max(0.0, entry.expires_at - time.monotonic()), _expire, entry)
+            return
+        queue.append(entry)
+        if len(queue) == 1:
+            self._arm()
+
+    def done(self, entry: LocalEntry) -> None:
+        """``entry`` has its answer."""
+        if entry.timer is not None:
+            entry.timer.cancel()
+        queue = self.queue
+        if queue and queue[0] is entry:
+            while queue and queue[0].future.done():
+                queue.popleft()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if queue:
+                self._arm()
+
+    def _arm(self) -> None:
+        assert self.loop is not None
+        self._timer = self.loop.call_later(max(0.0, self.queue[0].expires_at - time.monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        queue = self.queue
+        now = time.monotonic()
+        while queue and (queue[0].future.done() or queue[0].expires_at <= now):
+            _expire(queue.popleft())
+        if queue:
+            self._arm()
+
+    def clear(self) -> None:
+        """Stop watching (the flow stopped)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for entry in self.queue:
+            if entry.timer is not None:
+                entry.timer.cancel()
+        self.queue.clear()
+
+
+def _expire(entry: LocalEntry) -> None:
+    entry.fail(TaskTimeoutError())
 
 
 class _StepRuntime:
@@ -208,6 +274,7 @@ class Scheduler:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.waiting = 0
         self.inflight: set[Entry] = set()
+        self.deadlines = Deadlines()
         self.on_idle: Callable[[], None] | None = None
         self.on_all_exited: Callable[[], None] | None = None
         self._spawn_worker = spawn_worker
@@ -229,7 +296,7 @@ class Scheduler:
 
     def attach_all(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read the workers' pipes from ``loop`` and start dispatching."""
-        self.loop = loop
+        self.loop = self.deadlines.loop = loop
         for rt in self.steps:
             for w in rt.workers:
                 if w is not None:
@@ -266,6 +333,8 @@ class Scheduler:
 
     def complete(self, entry: Entry) -> None:
         """The entry's caller has its answer (or gave up): forget the entry."""
+        if isinstance(entry, LocalEntry):
+            self.deadlines.done(entry)
         self.inflight.discard(entry)
         if not self.inflight and self.on_idle is not None:
             self.on_idle()
@@ -500,7 +569,7 @@ class Scheduler:
         w.batches_done += 1
         if not w.inflight:
             w.suspect = False
-        handled = 0
+        handled = ok = 0
         metrics = rt.metrics
         worker_prefix = self._worker_prefix
         for entry, (status, payload) in zip(batch, outcomes, strict=True):
@@ -519,8 +588,7 @@ class Scheduler:
             if status == OK:
                 entry.encoded = payload
                 entry.current = None
-                if metrics:
-                    metrics.outcome["ok"].inc()
+                ok += 1
                 self.route(entry, rt.index + 1)
             elif status == ERROR:
                 if metrics:
@@ -536,6 +604,8 @@ class Scheduler:
         if handled:
             if metrics:
                 metrics.batch(handled, seconds)
+                if ok:
+                    metrics.outcome["ok"].inc(ok)
             if rt.adaptive is not None:
                 rt.adaptive.handled(handled, seconds)
         self._schedule(rt)
@@ -620,6 +690,7 @@ class Scheduler:
     def clear(self) -> None:
         """Cancel timers, empty the queues and release what the tasks in flight still hold."""
         self.running = False
+        self.deadlines.clear()
         for rt in self.steps:
             if rt.timer is not None:
                 rt.timer.cancel()
