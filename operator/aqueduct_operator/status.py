@@ -19,7 +19,7 @@ PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
 # Keys of .status this operator owns (anything else, e.g. kopf's bookkeeping, is left alone).
-OWNED_KEYS = ("observedGeneration", "replicas", "readyReplicas", "selector", "url", "conditions")
+OWNED_KEYS = ("observedGeneration", "replicas", "desiredReplicas", "readyReplicas", "selector", "url", "conditions")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ def failed(
     result: dict[str, Any] = {
         "observedGeneration": generation,
         "replicas": previous.get("replicas", 0),
+        "desiredReplicas": previous.get("desiredReplicas", 0),
         "readyReplicas": previous.get("readyReplicas", 0),
         "selector": selector_string(spec) if spec else None,
         "url": url(spec) if spec else None,
@@ -75,13 +76,21 @@ def _deployment_condition(deployment: Mapping[str, Any], kind: str) -> Mapping[s
     return _by_type((deployment.get("status") or {}).get("conditions")).get(kind, {})
 
 
+def desired_replicas(spec: PipelineSpec, deployment: Mapping[str, Any] | None) -> int:
+    """spec.replicas; with autoscaling, what the autoscaler last asked of the Deployment."""
+    if spec.autoscaling is None:
+        return spec.replicas
+    live = ((deployment or {}).get("spec") or {}).get("replicas")
+    return int(live) if live is not None else max(spec.autoscaling.min_replicas, 1)
+
+
 def compute(
     spec: PipelineSpec, deployment: Mapping[str, Any] | None, previous: Mapping[str, Any], now: str
 ) -> dict[str, Any]:
     """Status of a valid Pipeline whose children are applied, from its Deployment (None: not there yet)."""
     before = _by_type(previous.get("conditions"))
     gen = spec.generation
-    desired = spec.replicas
+    desired = desired_replicas(spec, deployment)
     dstatus: Mapping[str, Any] = (deployment or {}).get("status") or {}
     replicas = int(dstatus.get("replicas") or 0)
     ready = int(dstatus.get("readyReplicas") or 0)
@@ -105,7 +114,8 @@ def compute(
     if deployment is None:
         ready_c = (False, "Reconciling", "the Deployment is being created")
     elif desired == 0:
-        ready_c = (False, "ScaledToZero", "spec.replicas is 0")
+        why = "scaled to zero by the autoscaler" if spec.autoscaling else "spec.replicas is 0"
+        ready_c = (False, "ScaledToZero", why)
     elif ready >= desired and available >= desired:
         ready_c = (True, "AllReplicasReady", f"{ready}/{desired} replicas ready")
     else:
@@ -121,6 +131,7 @@ def compute(
     return {
         "observedGeneration": gen,
         "replicas": replicas,
+        "desiredReplicas": desired,
         "readyReplicas": ready,
         "selector": selector_string(spec),
         "url": url(spec),

@@ -59,6 +59,11 @@ BUILTINS: dict[str, dict[str, Any]] = {
     "apps/v1/deployments": {"kind": "Deployment", "singular": "deployment", "namespaced": True, "verbs": VERBS,
                             "subresources": ["status", "scale"]},
     "events.k8s.io/v1/events": {"kind": "Event", "singular": "event", "namespaced": True, "verbs": VERBS},
+    "autoscaling/v2/horizontalpodautoscalers": {"kind": "HorizontalPodAutoscaler",
+                                                "singular": "horizontalpodautoscaler", "namespaced": True,
+                                                "verbs": VERBS, "subresources": ["status"]},
+    "policy/v1/poddisruptionbudgets": {"kind": "PodDisruptionBudget", "singular": "poddisruptionbudget",
+                                       "namespaced": True, "verbs": VERBS, "subresources": ["status"]},
 }
 
 

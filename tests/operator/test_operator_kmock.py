@@ -225,3 +225,58 @@ async def test_operator_survives_a_flood_of_bad_pipelines(kube: Kube, operator: 
     status_writes = [r for r in kube.shim.requests if r.method.value == "PATCH" and r.url.path.endswith("/status")
                      and "/pipelines/bad-" in r.url.path]
     assert len(status_writes) == len(names)
+
+
+async def test_autoscaled_replicas_are_left_to_the_autoscaler(kube: Kube, operator: OperatorThread) -> None:
+    body = pipeline("scaled")
+    body["spec"]["autoscaling"] = {"minReplicas": 2, "maxReplicas": 6, "metric": "queueDepth", "target": 10}
+    await create(kube, body)
+    hpa = await wait_for(lambda: read(kube, "HorizontalPodAutoscaler", "scaled"), what="the HPA")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "scaled" and hpa["spec"]["maxReplicas"] == 6
+    dep = await wait_for(lambda: read(kube, "Deployment", "scaled"), what="the Deployment")
+    assert dep["spec"]["replicas"] == 2
+    await wait_for(lambda: read(kube, "PodDisruptionBudget", "scaled"), what="the PodDisruptionBudget")
+
+    # The autoscaler scales to 5, and the pods come up: the operator keeps the count and reports it.
+    await asyncio.to_thread(
+        kube.apps.patch_namespaced_deployment, "scaled", NS, [{"op": "replace", "path": "/spec/replicas", "value": 5}],
+        _content_type="application/json-patch+json",
+    )
+    await asyncio.to_thread(
+        kube.apps.patch_namespaced_deployment_status, "scaled", NS,
+        {"status": {"observedGeneration": 99, "replicas": 5, "readyReplicas": 5, "availableReplicas": 5,
+                    "updatedReplicas": 5}},
+        _content_type="application/merge-patch+json",
+    )
+    scaled = await wait_for(lambda: (b := get_pipeline(kube, "scaled")).get("status", {}).get("readyReplicas") == 5
+                            and b, what="5 ready replicas in the status")
+    assert scaled["status"]["desiredReplicas"] == 5 and scaled["status"]["replicas"] == 5
+    assert condition(scaled, "Ready")["status"] == "True"
+
+    # Everything else is still repaired: a hand-edited image comes back, replicas stay at 5, the HPA returns.
+    await asyncio.to_thread(
+        kube.apps.patch_namespaced_deployment, "scaled", NS,
+        [{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": "evil:latest"}],
+        _content_type="application/json-patch+json",
+    )
+    dep = await wait_for(lambda: (d := read(kube, "Deployment", "scaled"))
+                         and d["spec"]["template"]["spec"]["containers"][0]["image"] == "aqueduct:dev" and d,
+                         what="the image restored")
+    assert dep["spec"]["replicas"] == 5
+    cluster = Cluster(kube.api)
+    await asyncio.to_thread(cluster.delete, "HorizontalPodAutoscaler", NS, "scaled")
+    await asyncio.to_thread(reconcile, cluster, NS, "scaled", lambda *e: None)  # what the resync timer does
+    assert await asyncio.to_thread(read, kube, "HorizontalPodAutoscaler", "scaled") is not None
+    replica_writes = [r for r in kube.shim.requests if r.method.value == "PATCH" and r.url.path.endswith(
+        "/deployments/scaled") and str(r.headers.get("User-Agent", "")).startswith("aqueduct-operator")
+        and "/spec/replicas" in r.text]
+    assert replica_writes == []
+
+    # Autoscaling off: the HPA goes, and the operator owns spec.replicas again.
+    await asyncio.to_thread(
+        kube.custom.patch_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, "scaled",
+        [{"op": "remove", "path": "/spec/autoscaling"}, {"op": "add", "path": "/spec/replicas", "value": 3}],
+        _content_type="application/json-patch+json",
+    )
+    await wait_for(lambda: read(kube, "HorizontalPodAutoscaler", "scaled") is None, what="the HPA deleted")
+    await wait_for(lambda: read(kube, "Deployment", "scaled")["spec"]["replicas"] == 3, what="replicas back to 3")

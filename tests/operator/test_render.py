@@ -121,7 +121,7 @@ def test_gpu_pod_knobs() -> None:
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
-    assert pod["terminationGracePeriodSeconds"] == 60 + render.GRACE_MARGIN
+    assert pod["terminationGracePeriodSeconds"] == 5 + 60 + render.GRACE_MARGIN  # preStop pause + graceful
 
 
 @pytest.mark.parametrize("name", ["pipeline.yaml", "pipelines/gpu.yaml", "pipelines/noop.yaml",
