@@ -11,7 +11,8 @@ defaults may add fields; hand edits change or remove them). Otherwise the fields
 replaced wholesale. So re-running a reconcile is a no-op, and a hand-edited or deleted child comes back.
 A Deployment whose replica count an autoscaler owns (``aqueduct.dev/replicas-owner: autoscaler``) is
 created at the minimum and its ``spec.replicas`` is never written again: no fight with the autoscaler.
-Optional children the Pipeline no longer wants (autoscaling turned off, ...) are deleted.
+Optional children the Pipeline no longer wants (autoscaling turned off, ...) are deleted when its spec
+changes (a new generation, not yet in ``status.observedGeneration``).
 """
 
 from __future__ import annotations
@@ -355,8 +356,11 @@ def reconcile(cluster: Cluster, namespace: str, name: str, emit: Emit) -> dict[s
 
         deployment = None
         objs = render(spec)
-        obj: dict[str, Any] = objs[0]
+        obj: dict[str, Any] | None = None  # the child being applied, for error messages
         try:
+            if previous.get("observedGeneration") != generation:  # only a spec change makes a child unwanted
+                for what in prune(cluster, spec, {o["kind"] for o in objs}):
+                    emit("Normal", "Deleted", f"{what} deleted (no longer wanted by the spec)")
             for obj in objs:
                 outcome = ensure(cluster, obj, spec)
                 if outcome.action != "unchanged":
@@ -366,8 +370,6 @@ def reconcile(cluster: Cluster, namespace: str, name: str, emit: Emit) -> dict[s
                     emit("Normal", reason, f"{what} {'recreated' if recreated else outcome.action}")
                 if obj["kind"] == "Deployment":
                     deployment = outcome.obj
-            for what in prune(cluster, spec, {o["kind"] for o in objs}):
-                emit("Normal", "Deleted", f"{what} deleted (no longer wanted by the spec)")
         except ChildConflict as e:
             new = status.failed(generation, status.Failure("ChildConflict", str(e)), previous, now(), spec=spec)
             _write_status(cluster, body, new, emit)
@@ -375,8 +377,9 @@ def reconcile(cluster: Cluster, namespace: str, name: str, emit: Emit) -> dict[s
         except ApiException as e:
             if e.status is None or e.status >= 500 or e.status in (409, 429):
                 raise
-            message = f"{obj['kind']} {obj['metadata']['name']}: {_api_message(e)}"
-            if e.status == 404 and obj["kind"] in GENERIC_KINDS:
+            what = "pruning unwanted children" if obj is None else f"{obj['kind']} {obj['metadata']['name']}"
+            message = f"{what}: {_api_message(e)}"
+            if e.status == 404 and obj is not None and obj["kind"] in GENERIC_KINDS:
                 group, version, _ = GENERIC_KINDS[obj["kind"]]
                 message += f" (does this cluster serve {group}/{version} {obj['kind']}? install its CRD)"
             new = status.failed(generation, status.Failure("ApplyFailed", message), previous, now(), spec=spec)
