@@ -12,10 +12,11 @@ The seven gaps of /work/shared/k8s/RECIPES.md section 5, fixed here:
 6. lists carry ``kind: XList`` and ``apiVersion``;
 7. PUT and server-side apply get a clear 501 (kmock answers PUT with 404 and ignores apply).
 
-Extras: deleting an object deletes its dependents (ownerReferences by uid; a foreground-free,
-immediate stand-in for the garbage collector), and ``GET /api/v1/namespaces`` lists the namespaces
-in use (kmock 0.8 cannot parse that path). Still missing: label/field selectors, validation,
-RBAC, watch resourceVersions (watches replay everything), strategic merge (applied as JSON merge).
+Extras: writes to a kind nobody declared get 404 (kmock would store them); deleting an object
+deletes its dependents (ownerReferences by uid; a foreground-free, immediate stand-in for the garbage
+collector), and ``GET /api/v1/namespaces`` lists the namespaces in use (kmock 0.8 cannot parse that
+path). Still missing: label/field selectors, validation, RBAC, watch resourceVersions (watches replay
+everything), strategic merge (applied as JSON merge).
 """
 
 from __future__ import annotations
@@ -150,6 +151,10 @@ class KubeShim(kmock.KubernetesEmulator):
             return await self._discovery(request)
 
         action = request.action
+        if action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE) and self._info(
+            request.resource
+        ) is None:  # kmock would store it; a real server does not serve kinds it has no (CRD) definition of
+            return _error(404, "NotFound", f"the server could not find the requested resource ({request.url.path})")
         if action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
             async with self._write_lock:
                 original = request

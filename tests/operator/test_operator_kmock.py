@@ -6,12 +6,15 @@ import asyncio
 import copy
 from typing import Any
 
+import kubernetes
 import yaml
 from aqueduct_operator import GROUP, PLURAL, VERSION
 from aqueduct_operator.apply import Cluster, reconcile
+from kubernetes import client
 
 from tests.operator import crd
 from tests.operator.conftest import Kube, OperatorThread, wait_for
+from tests.operator.kmock_shim import BUILTINS, crd_resources, serving, write_kubeconfig
 
 NS = "default"
 
@@ -280,3 +283,25 @@ async def test_autoscaled_replicas_are_left_to_the_autoscaler(kube: Kube, operat
     )
     await wait_for(lambda: read(kube, "HorizontalPodAutoscaler", "scaled") is None, what="the HPA deleted")
     await wait_for(lambda: read(kube, "Deployment", "scaled")["spec"]["replicas"] == 3, what="replicas back to 3")
+
+
+async def test_an_autoscaler_the_cluster_does_not_serve_is_reported(tmp_path: Any) -> None:
+    """KEDA not installed: the ScaledObject cannot be created, and the status says which kind is missing."""
+    async with serving({**BUILTINS, **crd_resources(crd.crd())}) as (_, url):  # no KEDA CRD
+        path = str(tmp_path / "kubeconfig")
+        write_kubeconfig(path, url)
+        configuration = client.Configuration()
+        kubernetes.config.load_kube_config(config_file=path, client_configuration=configuration)
+        with client.ApiClient(configuration) as api:
+            body = pipeline("scaled")
+            body["spec"]["autoscaling"] = {"engine": "keda", "maxReplicas": 4, "target": 10,
+                                           "prometheus": "http://prometheus:9090"}
+            await asyncio.to_thread(client.CustomObjectsApi(api).create_namespaced_custom_object,
+                                    GROUP, VERSION, NS, PLURAL, body)
+            events: list[tuple[str, str, str]] = []
+            status = await asyncio.to_thread(reconcile, Cluster(api), NS, "scaled", lambda *e: events.append(e))
+    assert status is not None
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "ApplyFailed"
+    assert ready["message"].startswith("ScaledObject scaled: ") and "keda.sh/v1alpha1 ScaledObject" in ready["message"]
+    assert ("Warning", "ApplyFailed", ready["message"]) in events
