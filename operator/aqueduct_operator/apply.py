@@ -233,6 +233,8 @@ def _patch_ops(desired: Mapping[str, Any], live: Mapping[str, Any]) -> list[dict
                 {"op": "add", "path": _pointer("metadata", field, key), "value": value}
                 for key, value in meta[field].items() if live_meta[field].get(key) != value
             ]
+    if REPLICAS_ANNOTATION in (live_meta.get("annotations") or {}) and REPLICAS_ANNOTATION not in meta["annotations"]:
+        ops.append({"op": "remove", "path": _pointer("metadata", "annotations", REPLICAS_ANNOTATION)})
     others = [ref for ref in live_meta.get("ownerReferences") or [] if not ref.get("controller")]
     owners = meta["ownerReferences"] + others
     ops.append({"op": "add", "path": _pointer("metadata", "ownerReferences"), "value": owners})

@@ -282,7 +282,9 @@ async def test_autoscaled_replicas_are_left_to_the_autoscaler(kube: Kube, operat
         _content_type="application/json-patch+json",
     )
     await wait_for(lambda: read(kube, "HorizontalPodAutoscaler", "scaled") is None, what="the HPA deleted")
-    await wait_for(lambda: read(kube, "Deployment", "scaled")["spec"]["replicas"] == 3, what="replicas back to 3")
+    dep = await wait_for(lambda: (d := read(kube, "Deployment", "scaled"))["spec"]["replicas"] == 3 and d,
+                         what="replicas back to 3")
+    assert "aqueduct.dev/replicas-owner" not in dep["metadata"]["annotations"]
 
 
 async def test_an_autoscaler_the_cluster_does_not_serve_is_reported(tmp_path: Any) -> None:
