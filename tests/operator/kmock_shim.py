@@ -1,6 +1,6 @@
 """KubeShim: kmock 0.8's KubernetesEmulator plus what real clients (kopf, kubernetes, kubectl) need.
 
-The seven gaps of /work/shared/k8s/RECIPES.md section 5, fixed here:
+The seven gaps of /work/shared/k8s/RECIPES.md section 5, and one more (8), fixed here:
 
 1. create fills ``metadata.uid``, ``resourceVersion``, ``creationTimestamp``, ``generation`` and the
    namespace from the URL, and turns ``generateName`` into a name;
@@ -11,6 +11,8 @@ The seven gaps of /work/shared/k8s/RECIPES.md section 5, fixed here:
 5. core discovery says ``groupVersion: v1`` (kmock says ``/v1``);
 6. lists carry ``kind: XList`` and ``apiVersion``;
 7. PUT and server-side apply get a clear 501 (kmock answers PUT with 404 and ignores apply).
+8. A JSON patch whose ``test`` fails gets 422, as from the API server (kmock answers 500, which kopf
+   retries unchanged for a long while instead of re-reading: a stale finalizer patch held deletions).
 
 Extras: writes to a kind nobody declared get 404 (kmock would store them); deleting an object
 deletes its dependents (ownerReferences by uid; a foreground-free, immediate stand-in for the garbage
@@ -34,6 +36,7 @@ from typing import Any
 
 import aiohttp.web
 import attrs
+import jsonpatch
 import kmock
 from kmock._internal import dicts
 
@@ -161,7 +164,10 @@ class KubeShim(kmock.KubernetesEmulator):
                 if action == kmock.action.CREATE:
                     request = self._prepare_create(request)
                 elif action == kmock.action.UPDATE:
-                    request = self._prepare_update(request)
+                    try:
+                        request = self._prepare_update(request)
+                    except jsonpatch.JsonPatchTestFailed as e:  # as the API server: 422, kopf re-reads
+                        return _error(422, "Invalid", f"the JSON patch's test failed: {e}")
                 else:
                     self._prepare_delete(request)
                 # kmock matches reactions by the request's identity in its log: swap the prepared request
