@@ -444,6 +444,7 @@ def objectives_rules(spec: PipelineSpec) -> list[dict[str, Any]]:
 
 
 def prometheus_rule(spec: PipelineSpec) -> dict[str, Any]:
+    """prometheus-operator PrometheusRule holding :func:`objectives_rules` (``<name>-objectives``)."""
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
