@@ -145,4 +145,9 @@ def test_any_valid_pipeline_renders_valid_objects(body: dict[str, Any]) -> None:
         assert step["batch_size"] == raw.get("batchSize", 1)
         assert step["batch_timeout"] == raw.get("batchTimeout", 0)
     dep = by_kind(objs)["Deployment"]
-    assert dep["spec"]["replicas"] == body["spec"].get("replicas", 1)
+    auto = body["spec"].get("autoscaling")
+    if auto is None:
+        assert dep["spec"]["replicas"] == body["spec"].get("replicas", 1)
+    else:  # created at the minimum, then the autoscaler's
+        assert dep["spec"]["replicas"] == auto["minReplicas"]
+        assert by_kind(objs)["HorizontalPodAutoscaler"]["spec"]["maxReplicas"] == auto["maxReplicas"]
