@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 from collections.abc import Sequence
 
 import kopf
@@ -19,8 +20,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     parser.add_argument("--liveness", default=DEFAULT_LIVENESS, metavar="URL",
                         help=f"liveness endpoint to serve (default {DEFAULT_LIVENESS}; '' disables it)")
-    parser.add_argument("--standalone", action="store_true",
-                        help="do not coordinate with other operator replicas (kopf peering)")
+    ha = parser.add_mutually_exclusive_group()
+    ha.add_argument("--standalone", action="store_true",
+                    help="do not coordinate with other operator replicas (kopf peering)")
+    ha.add_argument("--peering", metavar="NAME",
+                    help="run as one of several replicas: only the highest-priority live one reconciles, the others "
+                         "wait and take over when it is gone (kopf peering; the (Cluster)KopfPeering NAME must exist)")
+    parser.add_argument("--priority", type=int, metavar="N",
+                        help="peering priority (default with --peering: random, so that exactly one replica is active)")
     parser.add_argument("--verbose", action="store_true", help="verbose logging")
     parser.add_argument("--debug", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -28,6 +35,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    priority = args.priority
+    if args.peering and priority is None:
+        # kopf pauses every replica that shares the highest priority: distinct ones make exactly one active.
+        priority = random.SystemRandom().randint(1, 2**31 - 1)
     kopf.configure(verbose=args.verbose, debug=args.debug, log_prefix=True)
     logging.getLogger("aqueduct_operator").setLevel(logging.DEBUG if args.debug else logging.INFO)
     from aqueduct_operator import handlers  # noqa: F401  (registers the handlers)
@@ -37,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         namespaces=args.namespaces or (),
         liveness_endpoint=args.liveness or None,
         standalone=args.standalone or None,
+        peering_name=args.peering,
+        priority=priority,
     )
 
 

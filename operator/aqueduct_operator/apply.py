@@ -9,6 +9,10 @@ A child is left alone when (a) its ``aqueduct.dev/desired-hash`` annotation matc
 the operator would write now, and (b) every field the operator sets still has that value (server-side
 defaults may add fields; hand edits change or remove them). Otherwise the fields the operator owns are
 replaced wholesale. So re-running a reconcile is a no-op, and a hand-edited or deleted child comes back.
+A Deployment whose replica count an autoscaler owns (``aqueduct.dev/replicas-owner: autoscaler``) is
+created at the minimum and its ``spec.replicas`` is never written again: no fight with the autoscaler.
+Optional children the Pipeline no longer wants (autoscaling turned off, ...) are deleted when its spec
+changes (a new generation, not yet in ``status.observedGeneration``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.utils.quantity import parse_quantity
 
 from aqueduct_operator import GROUP, PLURAL, VERSION, status
-from aqueduct_operator.render import PIPELINE_LABEL, render, selector_labels
+from aqueduct_operator.render import (
+    AUTOSCALER,
+    OPTIONAL_KINDS,
+    PIPELINE_LABEL,
+    REPLICAS_ANNOTATION,
+    child_names,
+    render,
+    selector_labels,
+)
 from aqueduct_operator.spec import InvalidSpec, PipelineSpec, parse
 
 USER_AGENT = "aqueduct-operator"
@@ -40,6 +52,15 @@ OWNED_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
     "ConfigMap": (("data",),),
     "Deployment": (("spec", "replicas"), ("spec", "strategy"), ("spec", "template")),
     "Service": (("spec", "type"), ("spec", "selector"), ("spec", "ports")),
+    **{kind: (("spec",),) for kind in OPTIONAL_KINDS},
+}
+# group, version, plural of the kinds reached through the generic (custom objects) API.
+GENERIC_KINDS: dict[str, tuple[str, str, str]] = {
+    "HorizontalPodAutoscaler": ("autoscaling", "v2", "horizontalpodautoscalers"),
+    "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
+    "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
+    "PodMonitor": ("monitoring.coreos.com", "v1", "podmonitors"),
+    "PrometheusRule": ("monitoring.coreos.com", "v1", "prometheusrules"),
 }
 
 # (event type, reason, message) about the Pipeline; the handlers post them as Kubernetes Events.
@@ -86,7 +107,19 @@ class Cluster:
         if kind == "Deployment":
             a = self.apps
             return a.read_namespaced_deployment, a.create_namespaced_deployment, a.patch_namespaced_deployment
-        raise ValueError(f"unsupported kind {kind}")
+        group, version, plural = GENERIC_KINDS[kind]
+        custom = self.custom
+
+        def read(name: str, namespace: str, **kw: Any) -> Any:
+            return custom.get_namespaced_custom_object(group, version, namespace, plural, name, **kw)
+
+        def create(namespace: str, body: Any, **kw: Any) -> Any:
+            return custom.create_namespaced_custom_object(group, version, namespace, plural, body, **kw)
+
+        def patch(name: str, namespace: str, body: Any, **kw: Any) -> Any:
+            return custom.patch_namespaced_custom_object(group, version, namespace, plural, name, body, **kw)
+
+        return read, create, patch
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         read, _, _ = self._ops(kind)
@@ -114,6 +147,16 @@ class Cluster:
             namespace, label_selector=selector, _preload_content=False, _request_timeout=TIMEOUT
         )).get("items") or []
         return [pod for pod in items if labels.items() <= ((pod.get("metadata") or {}).get("labels") or {}).items()]
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        group, version, plural = GENERIC_KINDS[kind]
+        try:
+            self.custom.delete_namespaced_custom_object(
+                group, version, namespace, plural, name, _preload_content=False, _request_timeout=TIMEOUT
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def get_pipeline(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -174,8 +217,17 @@ def _dig(obj: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return obj
 
 
-def _owned(obj: Mapping[str, Any]) -> dict[str, Any]:
-    return {"/".join(path): _dig(obj, path) for path in OWNED_PATHS[obj["kind"]]}
+def owned_paths(obj: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """The fields of ``obj`` (desired) the operator keeps as rendered; not replicas an autoscaler owns."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    paths = OWNED_PATHS[obj["kind"]]
+    if annotations.get(REPLICAS_ANNOTATION) == AUTOSCALER:
+        paths = tuple(path for path in paths if path != ("spec", "replicas"))
+    return paths
+
+
+def _owned(obj: Mapping[str, Any], paths: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
+    return {"/".join(path): _dig(obj, path) for path in paths}
 
 
 def _patch_ops(desired: Mapping[str, Any], live: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -190,14 +242,34 @@ def _patch_ops(desired: Mapping[str, Any], live: Mapping[str, Any]) -> list[dict
                 {"op": "add", "path": _pointer("metadata", field, key), "value": value}
                 for key, value in meta[field].items() if live_meta[field].get(key) != value
             ]
+    if REPLICAS_ANNOTATION in (live_meta.get("annotations") or {}) and REPLICAS_ANNOTATION not in meta["annotations"]:
+        ops.append({"op": "remove", "path": _pointer("metadata", "annotations", REPLICAS_ANNOTATION)})
     others = [ref for ref in live_meta.get("ownerReferences") or [] if not ref.get("controller")]
     owners = meta["ownerReferences"] + others
     ops.append({"op": "add", "path": _pointer("metadata", "ownerReferences"), "value": owners})
-    for path in OWNED_PATHS[desired["kind"]]:
+    for path in owned_paths(desired):
         if len(path) > 1 and path[0] not in live:
             ops.append({"op": "add", "path": _pointer(path[0]), "value": {}})
         ops.append({"op": "add", "path": _pointer(*path), "value": _dig(desired, path)})
     return ops
+
+
+def _controlled_by(live: Mapping[str, Any], spec: PipelineSpec) -> bool:
+    refs = (live.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("controller") and ref.get("uid") == spec.uid for ref in refs)
+
+
+def prune(cluster: Cluster, spec: PipelineSpec, wanted: set[str]) -> list[str]:
+    """Delete the optional children this Pipeline controls but no longer wants; returns 'Kind name' of each."""
+    deleted = []
+    for kind, name in child_names(spec).items():
+        if kind in wanted:
+            continue
+        live = cluster.get(kind, spec.namespace, name)
+        if live is not None and _controlled_by(live, spec):
+            cluster.delete(kind, spec.namespace, name)
+            deleted.append(f"{kind} {name}")
+    return deleted
 
 
 def _check_ownership(desired: Mapping[str, Any], live: Mapping[str, Any], spec: PipelineSpec) -> None:
@@ -236,7 +308,8 @@ def ensure(cluster: Cluster, desired: dict[str, Any], spec: PipelineSpec) -> Out
                 raise
     _check_ownership(body, live, spec)
     live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get(DESIRED_HASH)
-    in_place = is_subset(_owned(body), _owned(live)) and is_subset(
+    paths = owned_paths(body)
+    in_place = is_subset(_owned(body, paths), _owned(live, paths)) and is_subset(
         {k: body["metadata"][k] for k in ("labels", "annotations", "ownerReferences")}, live.get("metadata") or {}
     )
     if in_place and live_hash == want_hash:
@@ -297,8 +370,13 @@ def reconcile(
             return new
 
         deployment = None
+        objs = render(spec)
+        obj: dict[str, Any] | None = None  # the child being applied, for error messages
         try:
-            for obj in render(spec):
+            if previous.get("observedGeneration") != generation:  # only a spec change makes a child unwanted
+                for what in prune(cluster, spec, {o["kind"] for o in objs}):
+                    emit("Normal", "Deleted", f"{what} deleted (no longer wanted by the spec)")
+            for obj in objs:
                 outcome = ensure(cluster, obj, spec)
                 if outcome.action != "unchanged":
                     what = f"{obj['kind']} {obj['metadata']['name']}"
@@ -314,7 +392,11 @@ def reconcile(
         except ApiException as e:
             if e.status is None or e.status >= 500 or e.status in (409, 429):
                 raise
-            message = _api_message(e)
+            what = "pruning unwanted children" if obj is None else f"{obj['kind']} {obj['metadata']['name']}"
+            message = f"{what}: {_api_message(e)}"
+            if e.status == 404 and obj is not None and obj["kind"] in GENERIC_KINDS:
+                group, version, _ = GENERIC_KINDS[obj["kind"]]
+                message += f" (does this cluster serve {group}/{version} {obj['kind']}? install its CRD)"
             new = status.failed(generation, status.Failure("ApplyFailed", message), previous, now(), spec=spec)
             _write_status(cluster, body, new, emit)
             return new

@@ -1,4 +1,6 @@
-"""Pure rendering: a ``Pipeline`` -> the ConfigMap, Deployment and Service that serve it.
+"""Pure rendering: a ``Pipeline`` -> the ConfigMap, Deployment and Service that serve it, plus the optional
+children: an autoscaler (HorizontalPodAutoscaler or KEDA ScaledObject), a PodDisruptionBudget, and the
+prometheus-operator PodMonitor and objectives PrometheusRule.
 
 No I/O and no clock: the same Pipeline always renders the same objects, byte for byte, which is what
 makes reconciliation idempotent and lets unit tests call :func:`desired_objects` directly.
@@ -18,7 +20,7 @@ from typing import Any
 import yaml
 
 from aqueduct_operator import API_VERSION, KIND, storage
-from aqueduct_operator.spec import PipelineSpec, Step, Tensor, parse
+from aqueduct_operator.spec import Autoscaling, PipelineSpec, Step, Tensor, parse
 
 CONFIG_DIR = "/etc/aqueduct"
 CONFIG_FILE = "config.yaml"
@@ -26,12 +28,22 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 HTTP_PORT = 8080
 CONTAINER = "serve"
 RUN_AS = 10001
-# Seconds the pod gets beyond the server's graceful timeout: preStop-free shutdown, worker joins.
+# Seconds the pod gets beyond the preStop pause and the server's graceful timeout: worker joins, exit.
 GRACE_MARGIN = 15
 DEFAULT_START_TIMEOUT = 300.0
 STARTUP_PERIOD = 2
 
 CHECKSUM_ANNOTATION = "checksum/config"
+# On the Deployment when an autoscaler owns spec.replicas: the operator then never writes it after creation.
+REPLICAS_ANNOTATION = "aqueduct.dev/replicas-owner"
+AUTOSCALER = "autoscaler"
+# The engine's queue size when spec.queue.size is unset (aqueduct.flow.DEFAULT_QUEUE_SIZE; tests/contract checks).
+ENGINE_QUEUE_SIZE = 1024
+# The pods' series each Prometheus metric of spec.autoscaling.metric reads (summed over steps, per pod).
+METRIC_SERIES = {"queueDepth": "aqueduct_queue_depth", "inFlight": "aqueduct_http_requests_in_flight"}
+# Recording rules of the objectives PrometheusRule, read by the chart's alerts.
+QUEUE_CAPACITY_RECORD = "aqueduct:pipeline_queue_capacity"
+LATENCY_TARGET_RECORD = "aqueduct:pipeline_latency_target_seconds"
 PIPELINE_LABEL = "aqueduct.dev/pipeline"
 MANAGED_BY = "aqueduct-operator"
 
@@ -166,7 +178,20 @@ def _probe(path: str, *, period: int, failures: int, timeout: int = 2) -> dict[s
 
 
 def termination_grace_period(spec: PipelineSpec) -> int:
-    return math.ceil(spec.graceful_timeout) + GRACE_MARGIN
+    return math.ceil(spec.drain_delay) + math.ceil(spec.graceful_timeout) + GRACE_MARGIN
+
+
+def _scrape_annotations() -> dict[str, str]:
+    """The ``prometheus.io/*`` annotations a Prometheus ``kubernetes-pods`` scrape job follows."""
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT), "prometheus.io/path": "/metrics"}
+
+
+def _topology_spread(spec: PipelineSpec) -> list[dict[str, Any]]:
+    """``spec.topologySpreadConstraints`` as given, counting this Pipeline's pods unless a selector is given."""
+    return [
+        {**item, "labelSelector": item.get("labelSelector") or {"matchLabels": selector_labels(spec)}}
+        for item in spec.topology_spread
+    ]
 
 
 def deployment(spec: PipelineSpec, checksum: str) -> dict[str, Any]:
@@ -181,6 +206,14 @@ def deployment(spec: PipelineSpec, checksum: str) -> dict[str, Any]:
         ),
         "readinessProbe": _probe("/v2/health/ready", period=5, failures=3),
         "livenessProbe": _probe("/v2/health/live", period=10, failures=3, timeout=5),
+        # Rolling updates drop nothing: a terminating pod is taken out of the Service's endpoints at once,
+        # but proxies and load balancers learn that late; the pause keeps it serving until they have, and
+        # only then does SIGTERM stop it taking requests (it finishes those in flight).
+        **(
+            {"lifecycle": {"preStop": {"exec": {"command": ["sleep", _seconds(spec.drain_delay)]}}}}
+            if spec.drain_delay > 0
+            else {}
+        ),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
@@ -240,19 +273,27 @@ def deployment(spec: PipelineSpec, checksum: str) -> dict[str, Any]:
         pod_spec["tolerations"] = [dict(item) for item in spec.tolerations]
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.image_pull_secrets]
+    if spec.topology_spread:
+        pod_spec["topologySpreadConstraints"] = _topology_spread(spec)
 
+    metadata = _metadata(spec, spec.name)
+    replicas = spec.replicas
+    if spec.autoscaling is not None:
+        # The autoscaler owns the count; this is only the size the Deployment is created with.
+        metadata["annotations"] = {REPLICAS_ANNOTATION: AUTOSCALER}
+        replicas = max(spec.autoscaling.min_replicas, 1)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(spec, spec.name),
+        "metadata": metadata,
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": replicas,
             "selector": {"matchLabels": selector_labels(spec)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 "metadata": {
                     "labels": labels(spec),
-                    "annotations": {**spec.pod_annotations, CHECKSUM_ANNOTATION: checksum},
+                    "annotations": {**_scrape_annotations(), **spec.pod_annotations, CHECKSUM_ANNOTATION: checksum},
                 },
                 "spec": pod_spec,
             },
@@ -273,10 +314,191 @@ def service(spec: PipelineSpec) -> dict[str, Any]:
     }
 
 
+def _seconds(value: float) -> str:
+    return str(_number(value))
+
+
+def _quantity(value: float) -> str:
+    """A Kubernetes quantity: whole numbers as is, fractions in thousandths (``2.5`` -> ``2500m``)."""
+    return str(int(value)) if float(value).is_integer() else f"{round(value * 1000)}m"
+
+
+def pods_query(spec: PipelineSpec, metric: str) -> str:
+    """PromQL: the metric summed over the Pipeline's pods (what KEDA divides by the replica count)."""
+    return f'sum({METRIC_SERIES[metric]}{{namespace="{spec.namespace}",pipeline="{spec.name}"}})'
+
+
+def _scale_target(spec: PipelineSpec) -> dict[str, str]:
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "name": spec.name}
+
+
+def _scale_down(auto: Autoscaling) -> dict[str, Any]:
+    return {"scaleDown": {"stabilizationWindowSeconds": auto.scale_down_stabilization_seconds}}
+
+
+def horizontal_pod_autoscaler(spec: PipelineSpec, auto: Autoscaling) -> dict[str, Any]:
+    """autoscaling/v2 on the Deployment: CPU as a resource metric, the rest as ``Pods`` metrics.
+
+    ``Pods`` metrics come from the custom metrics API, which a Prometheus adapter serves (its rules are in
+    ``deploy/prometheus/adapter-rules.yaml``); the target is an average per pod.
+    """
+    if auto.metric == "cpu":
+        metric: dict[str, Any] = {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": int(auto.target)}},
+        }
+    else:
+        metric = {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": METRIC_SERIES[auto.metric]},
+                "target": {"type": "AverageValue", "averageValue": _quantity(auto.target)},
+            },
+        }
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(spec, spec.name),
+        "spec": {
+            "scaleTargetRef": _scale_target(spec),
+            "minReplicas": auto.min_replicas,
+            "maxReplicas": auto.max_replicas,
+            "metrics": [metric],
+            "behavior": _scale_down(auto),
+        },
+    }
+
+
+def scaled_object(spec: PipelineSpec, auto: Autoscaling) -> dict[str, Any]:
+    """A KEDA ScaledObject on the Deployment: a Prometheus trigger (or KEDA's cpu trigger); allows 0 replicas."""
+    if auto.metric == "cpu":
+        trigger: dict[str, Any] = {
+            "type": "cpu", "metricType": "Utilization", "metadata": {"value": str(int(auto.target))}
+        }
+    else:
+        assert auto.prometheus is not None, "spec.parse requires it"
+        trigger = {
+            "type": "prometheus",
+            "metricType": "AverageValue",
+            "metadata": {
+                "serverAddress": auto.prometheus,
+                "query": auto.query or pods_query(spec, auto.metric),
+                "threshold": str(_number(auto.target)),
+            },
+        }
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": _metadata(spec, spec.name),
+        "spec": {
+            "scaleTargetRef": _scale_target(spec),
+            "minReplicaCount": auto.min_replicas,
+            "maxReplicaCount": auto.max_replicas,
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _scale_down(auto)}},
+            "triggers": [trigger],
+        },
+    }
+
+
+def pod_disruption_budget(spec: PipelineSpec) -> dict[str, Any] | None:
+    """``spec.disruption.minAvailable``, else one pod at a time when there can be more than one; else none."""
+    most = spec.autoscaling.max_replicas if spec.autoscaling is not None else spec.replicas
+    if spec.min_available is None and most <= 1:
+        return None
+    budget: dict[str, Any] = (
+        {"maxUnavailable": 1} if spec.min_available is None else {"minAvailable": spec.min_available}
+    )
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(spec, spec.name),
+        "spec": {
+            **budget,
+            "selector": {"matchLabels": selector_labels(spec)},
+            # A pod that is not ready serves nothing: evicting it never costs availability.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def _monitoring_metadata(spec: PipelineSpec, name: str) -> dict[str, Any]:
+    metadata = _metadata(spec, name)
+    metadata["labels"] = {**spec.monitoring.labels, **metadata["labels"]}
+    return metadata
+
+
+def pod_monitor(spec: PipelineSpec) -> dict[str, Any]:
+    """prometheus-operator PodMonitor scraping the pods' /metrics, labelling samples with ``pipeline``."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _monitoring_metadata(spec, spec.name),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(spec)},
+            "podMetricsEndpoints": [
+                {
+                    "port": "http",
+                    "path": "/metrics",
+                    "relabelings": [
+                        {
+                            "action": "replace",
+                            "sourceLabels": ["__meta_kubernetes_pod_label_aqueduct_dev_pipeline"],
+                            "targetLabel": "pipeline",
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def objectives_rules(spec: PipelineSpec) -> list[dict[str, Any]]:
+    """Recording rules stating the Pipeline's queue capacity and p99 latency target, for the chart's alerts."""
+    labels = {"namespace": spec.namespace, "pipeline": spec.name}
+    capacity = spec.queue_size if spec.queue_size is not None else ENGINE_QUEUE_SIZE
+    rules = [{"record": QUEUE_CAPACITY_RECORD, "expr": f"vector({capacity})", "labels": labels}]
+    if spec.monitoring.latency_target is not None:
+        target = _seconds(spec.monitoring.latency_target)
+        rules.append({"record": LATENCY_TARGET_RECORD, "expr": f"vector({target})", "labels": labels})
+    return rules
+
+
+def prometheus_rule(spec: PipelineSpec) -> dict[str, Any]:
+    """prometheus-operator PrometheusRule holding :func:`objectives_rules` (``<name>-objectives``)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": _monitoring_metadata(spec, f"{spec.name}-objectives"),
+        "spec": {"groups": [{"name": f"aqueduct-objectives-{spec.namespace}-{spec.name}",
+                             "rules": objectives_rules(spec)}]},
+    }
+
+
+# Kinds the operator renders only for some Pipelines; one it no longer renders is deleted.
+OPTIONAL_KINDS = ("HorizontalPodAutoscaler", "ScaledObject", "PodDisruptionBudget", "PodMonitor", "PrometheusRule")
+
+
+def optional_children(spec: PipelineSpec) -> list[dict[str, Any]]:
+    """The optional children this Pipeline wants, in apply order."""
+    objs: list[dict[str, Any] | None] = [pod_disruption_budget(spec)]
+    if spec.autoscaling is not None:
+        make = scaled_object if spec.autoscaling.engine == "keda" else horizontal_pod_autoscaler
+        objs.append(make(spec, spec.autoscaling))
+    if spec.monitoring.prometheus_operator:
+        objs += [pod_monitor(spec), prometheus_rule(spec)]
+    return [obj for obj in objs if obj is not None]
+
+
+def child_names(spec: PipelineSpec) -> dict[str, str]:
+    """The name each optional kind has when rendered (to find one that is no longer wanted)."""
+    return {kind: f"{spec.name}-objectives" if kind == "PrometheusRule" else spec.name for kind in OPTIONAL_KINDS}
+
+
 def render(spec: PipelineSpec) -> list[dict[str, Any]]:
-    """The desired children of a validated Pipeline, in apply order: ConfigMap, Deployment, Service."""
+    """The desired children of a validated Pipeline, in apply order: ConfigMap, Deployment, Service, then
+    the optional ones (PodDisruptionBudget, the autoscaler, PodMonitor, PrometheusRule)."""
     cm = configmap(spec)
-    return [cm, deployment(spec, config_checksum(cm["data"][CONFIG_FILE])), service(spec)]
+    return [cm, deployment(spec, config_checksum(cm["data"][CONFIG_FILE])), service(spec), *optional_children(spec)]
 
 
 def desired_objects(body: Mapping[str, Any], default_image: str | None = None) -> list[dict[str, Any]]:

@@ -65,6 +65,10 @@ SPEC_FIELDS = frozenset(
         "model",
         "volumes",
         "volumeMounts",
+        "autoscaling",
+        "disruption",
+        "topologySpreadConstraints",
+        "monitoring",
     }
 )
 STEP_FIELDS = frozenset(
@@ -72,6 +76,17 @@ STEP_FIELDS = frozenset(
 )
 # Handler options are keyword arguments of the handler's constructor.
 OPTION_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+AUTOSCALING_FIELDS = frozenset(
+    {"engine", "minReplicas", "maxReplicas", "metric", "target", "scaleDownStabilizationSeconds", "prometheus", "query"}
+)
+ENGINES = ("hpa", "keda")
+# What an autoscaler can follow: the pods' queue depth or in-flight requests (Prometheus), or CPU.
+METRICS = ("queueDepth", "inFlight", "cpu")
+TOPOLOGY_FIELDS = frozenset(
+    {"maxSkew", "topologyKey", "whenUnsatisfiable", "labelSelector", "minDomains", "matchLabelKeys",
+     "nodeAffinityPolicy", "nodeTaintsPolicy"}
+)
+PERCENT_RE = re.compile(r"^[0-9]+%$")
 
 
 class InvalidSpec(ValueError):
@@ -100,6 +115,29 @@ class Tensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    """``spec.autoscaling``: the autoscaler owns the Deployment's replica count within [min, max]."""
+
+    engine: str
+    min_replicas: int
+    max_replicas: int
+    metric: str
+    target: float
+    scale_down_stabilization_seconds: int = 300
+    prometheus: str | None = None  # KEDA: the Prometheus server its trigger queries
+    query: str | None = None  # KEDA: PromQL replacing the default query of the metric
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """``spec.monitoring``: prometheus-operator objects (PodMonitor, objectives PrometheusRule) and the p99 target."""
+
+    prometheus_operator: bool = False
+    latency_target: float | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,6 +173,11 @@ class PipelineSpec:
     model: Model | None = None
     volumes: tuple[Mapping[str, Any], ...] = ()
     volume_mounts: tuple[Mapping[str, Any], ...] = ()
+    drain_delay: float = 5.0
+    autoscaling: Autoscaling | None = None
+    min_available: int | str | None = None
+    topology_spread: tuple[Mapping[str, Any], ...] = ()
+    monitoring: Monitoring = field(default_factory=Monitoring)
 
 
 def _is_int(value: Any) -> bool:
@@ -326,6 +369,93 @@ def _tolerations(raw: Any, path: str) -> tuple[Mapping[str, Any], ...]:
     return tuple(result)
 
 
+def _autoscaling(raw: Any, path: str, spec: Mapping[str, Any]) -> Autoscaling:
+    obj = _mapping(raw, path)
+    _unknown(obj, AUTOSCALING_FIELDS, path)
+    engine = obj.get("engine", "hpa")
+    if engine not in ENGINES:
+        raise InvalidSpec(f"{path}.engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
+    metric = obj.get("metric", "queueDepth")
+    if metric not in METRICS:
+        raise InvalidSpec(f"{path}.metric", f"must be one of {', '.join(METRICS)}, got {metric!r}")
+    if "maxReplicas" not in obj:
+        raise InvalidSpec(f"{path}.maxReplicas", "is required")
+    max_replicas = _int(obj["maxReplicas"], f"{path}.maxReplicas", lo=1, hi=1000)
+    min_replicas = _int(obj.get("minReplicas", 1), f"{path}.minReplicas", lo=0, hi=1000)
+    if min_replicas > max_replicas:
+        raise InvalidSpec(f"{path}.minReplicas", f"{min_replicas} is more than maxReplicas ({max_replicas})")
+    if min_replicas == 0 and engine != "keda":
+        raise InvalidSpec(f"{path}.minReplicas", "0 needs engine: keda (a HorizontalPodAutoscaler keeps one pod)")
+    if min_replicas == 0 and metric == "cpu":
+        raise InvalidSpec(f"{path}.minReplicas", "0 needs a Prometheus metric: no pod, no CPU to scale up from")
+    if metric == "cpu":
+        target = float(_int(obj.get("target"), f"{path}.target", lo=1, hi=1000))
+        requests = _mapping((spec.get("resources") or {}).get("requests") or {}, "spec.resources.requests")
+        if "cpu" not in requests:
+            raise InvalidSpec("spec.resources.requests.cpu", "is required with autoscaling.metric cpu "
+                              "(the target is a percentage of it)")
+    else:
+        target = _number(obj.get("target"), f"{path}.target", lo=0, hi=1e6, exclusive_lo=True)
+    prometheus = obj.get("prometheus")
+    query = obj.get("query")
+    if engine == "keda" and metric != "cpu" and prometheus is None:
+        raise InvalidSpec(f"{path}.prometheus", "is required with engine keda: the URL of the Prometheus to query")
+    if engine != "keda":
+        for key in ("prometheus", "query"):
+            if obj.get(key) is not None:
+                raise InvalidSpec(f"{path}.{key}", "is only used with engine keda")
+    return Autoscaling(
+        engine=engine,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        metric=metric,
+        target=target,
+        scale_down_stabilization_seconds=_int(
+            obj.get("scaleDownStabilizationSeconds", 300), f"{path}.scaleDownStabilizationSeconds", lo=0, hi=3600
+        ),
+        prometheus=None if prometheus is None else _str(prometheus, f"{path}.prometheus"),
+        query=None if query is None else _str(query, f"{path}.query"),
+    )
+
+
+def _min_available(raw: Any, path: str) -> int | str:
+    if _is_int(raw) and raw >= 0:
+        return int(raw)
+    if isinstance(raw, str) and PERCENT_RE.match(raw) and int(raw[:-1]) <= 100:
+        return raw
+    raise InvalidSpec(path, f"must be a number of pods or a percentage such as '50%', got {raw!r}")
+
+
+def _topology_spread(raw: Any, path: str) -> tuple[Mapping[str, Any], ...]:
+    result = []
+    for i, item in enumerate(_list(raw, path)):
+        where = f"{path}[{i}]"
+        obj = _mapping(item, where)
+        _unknown(obj, TOPOLOGY_FIELDS, where)
+        _int(obj.get("maxSkew"), f"{where}.maxSkew", lo=1)
+        _str(obj.get("topologyKey"), f"{where}.topologyKey")
+        if obj.get("whenUnsatisfiable") not in ("DoNotSchedule", "ScheduleAnyway"):
+            raise InvalidSpec(f"{where}.whenUnsatisfiable", "must be DoNotSchedule or ScheduleAnyway")
+        result.append(dict(obj))
+    return tuple(result)
+
+
+def _monitoring(raw: Any, path: str) -> Monitoring:
+    obj = _mapping(raw, path)
+    _unknown(obj, frozenset({"prometheusOperator", "latencyTarget", "labels"}), path)
+    enabled = obj.get("prometheusOperator", False)
+    if not isinstance(enabled, bool):
+        raise InvalidSpec(f"{path}.prometheusOperator", f"must be true or false, got {enabled!r}")
+    latency = obj.get("latencyTarget")
+    return Monitoring(
+        prometheus_operator=enabled,
+        latency_target=None
+        if latency is None
+        else _number(latency, f"{path}.latencyTarget", lo=0, hi=3600, exclusive_lo=True),
+        labels=_string_map(obj.get("labels") or {}, f"{path}.labels"),
+    )
+
+
 def parse(body: Mapping[str, Any], default_image: str | None = None) -> PipelineSpec:
     """Validate a ``Pipeline`` object (as the API returns it) into a :class:`PipelineSpec`.
 
@@ -363,7 +493,11 @@ def parse(body: Mapping[str, Any], default_image: str | None = None) -> Pipeline
     queue = _mapping(spec.get("queue") or {}, "spec.queue")
     _unknown(queue, frozenset({"size", "priorities"}), "spec.queue")
     server = _mapping(spec.get("server") or {}, "spec.server")
-    _unknown(server, frozenset({"logLevel", "maxBodyBytes", "gracefulTimeout", "workers", "arenaBytes"}), "spec.server")
+    _unknown(
+        server,
+        frozenset({"logLevel", "maxBodyBytes", "gracefulTimeout", "workers", "arenaBytes", "drainDelay"}),
+        "spec.server",
+    )
     log_level = server.get("logLevel", "info")
     if log_level not in LOG_LEVELS:
         raise InvalidSpec("spec.server.logLevel", f"must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
@@ -397,6 +531,8 @@ def parse(body: Mapping[str, Any], default_image: str | None = None) -> Pipeline
         for i, item in enumerate(env):
             if item["name"] == MODEL_PATH_ENV:
                 raise InvalidSpec(f"spec.env[{i}].name", f"{MODEL_PATH_ENV} is set by the operator from spec.model")
+    disruption = _mapping(spec.get("disruption") or {}, "spec.disruption")
+    _unknown(disruption, frozenset({"minAvailable"}), "spec.disruption")
 
     return PipelineSpec(
         name=name,
@@ -438,4 +574,13 @@ def parse(body: Mapping[str, Any], default_image: str | None = None) -> Pipeline
         model=model,
         volumes=volumes,
         volume_mounts=volume_mounts,
+        drain_delay=_number(server.get("drainDelay", 5), "spec.server.drainDelay", lo=0, hi=300),
+        autoscaling=None
+        if spec.get("autoscaling") is None
+        else _autoscaling(spec["autoscaling"], "spec.autoscaling", spec),
+        min_available=None
+        if disruption.get("minAvailable") is None
+        else _min_available(disruption["minAvailable"], "spec.disruption.minAvailable"),
+        topology_spread=_topology_spread(spec.get("topologySpreadConstraints", []), "spec.topologySpreadConstraints"),
+        monitoring=_monitoring(spec.get("monitoring") or {}, "spec.monitoring"),
     )

@@ -21,7 +21,7 @@ DEGRADED = "Degraded"
 CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
 MODEL_FETCH_FAILED = "ModelFetchFailed"
 # Keys of .status this operator owns (anything else, e.g. kopf's bookkeeping, is left alone).
-OWNED_KEYS = ("observedGeneration", "replicas", "readyReplicas", "selector", "url", "conditions")
+OWNED_KEYS = ("observedGeneration", "replicas", "desiredReplicas", "readyReplicas", "selector", "url", "conditions")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ def failed(
     result: dict[str, Any] = {
         "observedGeneration": generation,
         "replicas": previous.get("replicas", 0),
+        "desiredReplicas": previous.get("desiredReplicas", 0),
         "readyReplicas": previous.get("readyReplicas", 0),
         "selector": selector_string(spec) if spec else None,
         "url": url(spec) if spec else None,
@@ -75,6 +76,14 @@ def failed(
 
 def _deployment_condition(deployment: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
     return _by_type((deployment.get("status") or {}).get("conditions")).get(kind, {})
+
+
+def desired_replicas(spec: PipelineSpec, deployment: Mapping[str, Any] | None) -> int:
+    """spec.replicas; with autoscaling, what the autoscaler last asked of the Deployment."""
+    if spec.autoscaling is None:
+        return spec.replicas
+    live = ((deployment or {}).get("spec") or {}).get("replicas")
+    return int(live) if live is not None else max(spec.autoscaling.min_replicas, 1)
 
 
 def compute(
@@ -92,7 +101,7 @@ def compute(
     """
     before = _by_type(previous.get("conditions"))
     gen = spec.generation
-    desired = spec.replicas
+    desired = desired_replicas(spec, deployment)
     dstatus: Mapping[str, Any] = (deployment or {}).get("status") or {}
     replicas = int(dstatus.get("replicas") or 0)
     ready = int(dstatus.get("readyReplicas") or 0)
@@ -119,7 +128,8 @@ def compute(
     if deployment is None:
         ready_c = (False, "Reconciling", "the Deployment is being created")
     elif desired == 0:
-        ready_c = (False, "ScaledToZero", "spec.replicas is 0")
+        why = "scaled to zero by the autoscaler" if spec.autoscaling else "spec.replicas is 0"
+        ready_c = (False, "ScaledToZero", why)
     elif ready >= desired and available >= desired:
         ready_c = (True, "AllReplicasReady", f"{ready}/{desired} replicas ready")
     elif fetch_failure is not None:
@@ -137,6 +147,7 @@ def compute(
     return {
         "observedGeneration": gen,
         "replicas": replicas,
+        "desiredReplicas": desired,
         "readyReplicas": ready,
         "selector": selector_string(spec),
         "url": url(spec),

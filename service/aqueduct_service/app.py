@@ -139,6 +139,7 @@ class ServingApp(Starlette):
         super().__init__(**kwargs)
         self.infer = infer
         self.metrics = metrics
+        self.in_flight = metrics.in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -147,7 +148,11 @@ class ServingApp(Starlette):
                 name = path[len("/v2/models/") : -len("/infer")]
                 if name and "/" not in name:
                     start = time.perf_counter()
-                    status = await self.infer(name, receive, send, scope["headers"])
+                    self.in_flight.inc()
+                    try:
+                        status = await self.infer(name, receive, send, scope["headers"])
+                    finally:
+                        self.in_flight.dec()
                     self.metrics.observe("POST", INFER_ROUTE, status, time.perf_counter() - start)
                     return
         await super().__call__(scope, receive, send)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class HttpMetrics:
-    """Request count by method, route and status, and latency by method and route."""
+    """Request count by method, route and status, latency by method and route, and inference requests in flight."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
@@ -24,6 +24,13 @@ class HttpMetrics:
             ["method", "route"],
             registry=registry,
             buckets=_LATENCY_BUCKETS,
+        )
+        # What the autoscaler reads (autoscaling.metric: inFlight). "livesum": summed over live HTTP processes.
+        self.in_flight = Gauge(
+            "aqueduct_http_requests_in_flight",
+            "Inference requests received and not yet answered.",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         # labels() costs a lock and a dict lookup; cache the children per label set.
         self._counters: dict[tuple[str, str, int], Any] = {}

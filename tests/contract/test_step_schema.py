@@ -117,3 +117,11 @@ def test_example_matches_the_catdetector_config() -> None:
 @given(pipelines())
 def test_any_valid_pipeline_renders_a_valid_config(body: dict[str, Any]) -> None:
     validate_config(body)
+
+
+def test_operator_knows_the_engine_default_queue_size() -> None:
+    from aqueduct_operator.render import ENGINE_QUEUE_SIZE
+
+    from aqueduct.flow import DEFAULT_QUEUE_SIZE
+
+    assert ENGINE_QUEUE_SIZE == DEFAULT_QUEUE_SIZE  # the queue capacity the alerts compare against

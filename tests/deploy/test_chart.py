@@ -16,6 +16,8 @@ KUBE_VERSIONS = ["1.28.0", "1.30.0", "1.37.0"]  # oldest the chart supports (Cha
 VALUE_SETS = {
     "defaults": [],
     "namespaced": ["--set", "operator.watchNamespaces={team-a,team-b}", "--set", "operator.logLevel=debug"],
+    "ha-monitored": ["--set", "operator.replicas=3", "--set", "prometheusRule.enabled=true",
+                     "--set", "prometheusRule.labels.release=kube-prometheus-stack"],
     "custom": [
         "--set",
         "image.repository=registry.example.com/aqueduct",
@@ -68,7 +70,8 @@ def test_lint_strict_with_values(helm: str, values: str) -> None:
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_template_is_valid_kubernetes(helm: str, values: str, kube_version: str) -> None:
     rendered = template(helm, "--include-crds", "--kube-version", kube_version, *VALUE_SETS[values])
-    proc = validate_manifests("--kube-version", kube_version, "-", stdin=rendered, check=False)
+    vendored = ["--crd", str(ROOT / "deploy" / "vendor-crds")]  # the PrometheusRule's CRD
+    proc = validate_manifests("--kube-version", kube_version, *vendored, "-", stdin=rendered, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert ", 0 invalid" in proc.stdout
 
@@ -92,10 +95,15 @@ def test_values_schema_rejects(bad: str) -> None:
 
 
 def test_crd_is_shipped_as_is() -> None:
-    """The single CRD source (crds/pipelines.yaml, kept by the operator) is rendered unchanged, and only once."""
+    """The single CRD source (crds/pipelines.yaml, kept by the operator) is rendered unchanged, and only once;
+    kopf's peering CRDs come with it."""
     docs = objects(template("helm3", "--include-crds"))
     crds = by_kind(docs, "CustomResourceDefinition")
-    assert crds == [yaml.safe_load((CHART / "crds" / "pipelines.yaml").read_text())]
+    pipelines = yaml.safe_load((CHART / "crds" / "pipelines.yaml").read_text())
+    assert [c for c in crds if c["metadata"]["name"] == "pipelines.aqueduct.dev"] == [pipelines]
+    assert sorted(c["metadata"]["name"] for c in crds) == [
+        "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev", "pipelines.aqueduct.dev"
+    ]
     assert not by_kind(objects(template("helm3")), "CustomResourceDefinition"), "a CRD leaked into templates/"
 
 
@@ -264,3 +272,27 @@ def test_notes_tell_what_to_do_next(values: str, tmp_path: Any) -> None:
         assert "namespaces: team-a, team-b" in notes and "kubectl apply -n team-a" in notes
     else:
         assert "all namespaces" in notes
+
+
+def test_several_operator_replicas_peer_with_one_active() -> None:
+    docs = objects(template("helm3", *VALUE_SETS["ha-monitored"]))
+    (deployment,) = by_kind(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--peering=rel-aqueduct-operator" in args and "--standalone" not in args
+    (peering,) = by_kind(docs, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "rel-aqueduct-operator"
+    (role,) = by_kind(docs, "ClusterRole")
+    assert any("clusterkopfpeerings" in rule["resources"] and "patch" in rule["verbs"] for rule in role["rules"])
+    namespaced = objects(template("helm3", "--set", "operator.replicas=2", "--set", "operator.watchNamespaces={a,b}"))
+    assert sorted(p["metadata"]["namespace"] for p in by_kind(namespaced, "KopfPeering")) == ["a", "b"]
+    assert not by_kind(objects(template("helm3")), "ClusterKopfPeering")  # one replica: standalone
+
+
+def test_prometheus_rule_ships_the_rule_file() -> None:
+    docs = objects(template("helm3", *VALUE_SETS["ha-monitored"]))
+    (rule,) = by_kind(docs, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["spec"] == yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
+    assert not by_kind(objects(template("helm3")), "PrometheusRule")  # opt-in

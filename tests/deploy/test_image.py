@@ -130,6 +130,20 @@ def test_fetch_init_container_downloads_the_model(docker: Docker, aqueduct_image
         thread.join(10)
 
 
+def test_pre_stop_hook_runs_in_the_serving_container(docker: Docker, aqueduct_image: str) -> None:
+    """The operator's preStop hook (`sleep drainDelay`) runs as the pod runs it: uid 10001, read-only root."""
+    from aqueduct_operator.render import desired_objects
+
+    from tests.operator import crd
+
+    body = crd.load_yaml(crd.EXAMPLES / "pipeline.yaml")
+    body["metadata"].update(namespace="default", uid="u", generation=1)
+    body["spec"]["server"] = {"drainDelay": 0.2}
+    deployment = next(o for o in desired_objects(body) if o["kind"] == "Deployment")
+    hook = deployment["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    docker("run", "--rm", "--network", "host", "--read-only", "--user", "10001", aqueduct_image, *hook)
+
+
 def test_rebuild_is_cached(docker: Docker, aqueduct_image: str, base_image: str) -> None:
     """An unchanged tree rebuilds from cache alone: dependencies are not reinstalled."""
     seconds, log = build_image(docker, base_image, aqueduct_image)

@@ -51,6 +51,8 @@ class Kube:
 @pytest.fixture
 async def kube(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Kube]:
     resources = {**BUILTINS, **crd_resources(crd.crd())}
+    for vendored in crd.vendored_crds():
+        resources.update(crd_resources(vendored))
     async with serving(resources) as (shim, url):
         path = str(tmp_path / "kubeconfig")
         write_kubeconfig(path, url)

@@ -15,6 +15,8 @@ CRD_PATH = ROOT / "deploy/helm/aqueduct/crds/pipelines.yaml"
 RBAC_PATH = ROOT / "deploy/helm/aqueduct/files/operator-rbac-rules.yaml"
 CONFIG_SCHEMA_PATH = ROOT / "service/aqueduct_service/config.schema.json"
 EXAMPLES = ROOT / "examples"
+# Third-party CRDs the operator's optional children belong to (KEDA, prometheus-operator), vendored.
+VENDOR_CRDS = ROOT / "deploy/vendor-crds"
 
 
 @cache
@@ -78,6 +80,10 @@ def errors(obj: dict[str, Any]) -> list[str]:
 
 def config_schema() -> dict[str, Any]:
     return yaml.safe_load(CONFIG_SCHEMA_PATH.read_text())
+
+
+def vendored_crds() -> list[dict[str, Any]]:
+    return [yaml.safe_load(path.read_text()) for path in sorted(VENDOR_CRDS.glob("*.yaml"))]
 
 
 def load_yaml(path: pathlib.Path) -> dict[str, Any]:

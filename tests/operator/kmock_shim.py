@@ -1,6 +1,6 @@
 """KubeShim: kmock 0.8's KubernetesEmulator plus what real clients (kopf, kubernetes, kubectl) need.
 
-The seven gaps of /work/shared/k8s/RECIPES.md section 5, fixed here:
+The seven gaps of /work/shared/k8s/RECIPES.md section 5, and one more (8), fixed here:
 
 1. create fills ``metadata.uid``, ``resourceVersion``, ``creationTimestamp``, ``generation`` and the
    namespace from the URL, and turns ``generateName`` into a name;
@@ -11,11 +11,14 @@ The seven gaps of /work/shared/k8s/RECIPES.md section 5, fixed here:
 5. core discovery says ``groupVersion: v1`` (kmock says ``/v1``);
 6. lists carry ``kind: XList`` and ``apiVersion``;
 7. PUT and server-side apply get a clear 501 (kmock answers PUT with 404 and ignores apply).
+8. A JSON patch whose ``test`` fails gets 422, as from the API server (kmock answers 500, which kopf
+   retries unchanged for a long while instead of re-reading: a stale finalizer patch held deletions).
 
-Extras: deleting an object deletes its dependents (ownerReferences by uid; a foreground-free,
-immediate stand-in for the garbage collector), and ``GET /api/v1/namespaces`` lists the namespaces
-in use (kmock 0.8 cannot parse that path). Still missing: label/field selectors, validation,
-RBAC, watch resourceVersions (watches replay everything), strategic merge (applied as JSON merge).
+Extras: writes to a kind nobody declared get 404 (kmock would store them); deleting an object
+deletes its dependents (ownerReferences by uid; a foreground-free, immediate stand-in for the garbage
+collector), and ``GET /api/v1/namespaces`` lists the namespaces in use (kmock 0.8 cannot parse that
+path). Still missing: label/field selectors, validation, RBAC, watch resourceVersions (watches replay
+everything), strategic merge (applied as JSON merge).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 import aiohttp.web
 import attrs
+import jsonpatch
 import kmock
 from kmock._internal import dicts
 
@@ -59,6 +63,11 @@ BUILTINS: dict[str, dict[str, Any]] = {
     "apps/v1/deployments": {"kind": "Deployment", "singular": "deployment", "namespaced": True, "verbs": VERBS,
                             "subresources": ["status", "scale"]},
     "events.k8s.io/v1/events": {"kind": "Event", "singular": "event", "namespaced": True, "verbs": VERBS},
+    "autoscaling/v2/horizontalpodautoscalers": {"kind": "HorizontalPodAutoscaler",
+                                                "singular": "horizontalpodautoscaler", "namespaced": True,
+                                                "verbs": VERBS, "subresources": ["status"]},
+    "policy/v1/poddisruptionbudgets": {"kind": "PodDisruptionBudget", "singular": "poddisruptionbudget",
+                                       "namespaced": True, "verbs": VERBS, "subresources": ["status"]},
 }
 
 
@@ -145,13 +154,20 @@ class KubeShim(kmock.KubernetesEmulator):
             return await self._discovery(request)
 
         action = request.action
+        if action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE) and self._info(
+            request.resource
+        ) is None:  # kmock would store it; a real server does not serve kinds it has no (CRD) definition of
+            return _error(404, "NotFound", f"the server could not find the requested resource ({request.url.path})")
         if action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
             async with self._write_lock:
                 original = request
                 if action == kmock.action.CREATE:
                     request = self._prepare_create(request)
                 elif action == kmock.action.UPDATE:
-                    request = self._prepare_update(request)
+                    try:
+                        request = self._prepare_update(request)
+                    except jsonpatch.JsonPatchTestFailed as e:  # as the API server: 422, kopf re-reads
+                        return _error(422, "Invalid", f"the JSON patch's test failed: {e}")
                 else:
                     self._prepare_delete(request)
                 # kmock matches reactions by the request's identity in its log: swap the prepared request

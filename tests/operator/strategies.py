@@ -89,6 +89,20 @@ def pipelines(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         spec["volumes"] = [{"name": "cache", "emptyDir": {}}]
         spec["volumeMounts"] = [{"name": "cache", "mountPath": "/var/cache/models", "readOnly": draw(st.booleans())}]
+    if draw(st.booleans()):
+        spec["autoscaling"] = draw(autoscaling())
+        if spec["autoscaling"]["metric"] == "cpu":
+            spec.setdefault("resources", {}).setdefault("requests", {}).setdefault("cpu", "500m")
+    if draw(st.booleans()):
+        spec["disruption"] = {"minAvailable": draw(st.one_of(st.integers(0, 5), st.sampled_from(["50%", "100%"])))}
+    if draw(st.booleans()):
+        spec["topologySpreadConstraints"] = [{
+            "maxSkew": draw(st.integers(1, 3)),
+            "whenUnsatisfiable": draw(st.sampled_from(["DoNotSchedule", "ScheduleAnyway"])),
+            "topologyKey": draw(st.sampled_from(["topology.kubernetes.io/zone", "kubernetes.io/hostname"])),
+        }]
+    if draw(st.booleans()):
+        spec.setdefault("server", {})["drainDelay"] = draw(st.floats(0, 30, allow_nan=False))
     return {
         "apiVersion": "aqueduct.dev/v1alpha1",
         "kind": "Pipeline",
@@ -96,3 +110,18 @@ def pipelines(draw: st.DrawFn) -> dict[str, Any]:
                      "uid": "0b9c8f4e-1111-4222-8333-444455556666", "generation": draw(st.integers(1, 5))},
         "spec": spec,
     }
+
+
+@st.composite
+def autoscaling(draw: st.DrawFn) -> dict[str, Any]:
+    """``spec.autoscaling`` with an HPA (what kubernetes-validate can check; KEDA's CRD is checked elsewhere)."""
+    metric = draw(st.sampled_from(["queueDepth", "inFlight", "cpu"]))
+    low = draw(st.integers(1, 10))
+    auto: dict[str, Any] = {"minReplicas": low, "maxReplicas": draw(st.integers(low, 50)), "metric": metric}
+    if metric == "cpu":
+        auto["target"] = draw(st.integers(1, 200))
+    else:
+        auto["target"] = draw(st.one_of(st.integers(1, 1000), st.floats(0.01, 1000, allow_nan=False)))
+    if draw(st.booleans()):
+        auto["scaleDownStabilizationSeconds"] = draw(st.integers(0, 3600))
+    return auto

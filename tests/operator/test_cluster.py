@@ -43,7 +43,7 @@ def test_server_defaults_and_accepts_the_example(namespace: str) -> None:
     body = json.loads(kubectl("get", "-n", namespace, "pipeline", "catdetector", "-o", "json").stdout)
     assert body["spec"]["queue"]["priorities"] == 1 and body["spec"]["server"]["logLevel"] == "info"
     table = kubectl("get", "-n", namespace, "pipelines").stdout
-    assert table.split()[:6] == ["NAME", "READY", "REPLICAS", "AVAILABLE", "URL", "AGE"]
+    assert table.split()[:7] == ["NAME", "READY", "DESIRED", "CURRENT", "AVAILABLE", "URL", "AGE"]
 
 
 @pytest.mark.parametrize("path", sorted((crd.EXAMPLES / "pipelines").glob("invalid-*.yaml")), ids=lambda p: p.name)

@@ -25,7 +25,7 @@ def test_crd_identity_matches_the_operator() -> None:
     assert version["subresources"]["status"] == {}
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert {"Ready", "Replicas", "URL", "Age"} <= set(columns)
+    assert {"Ready", "Desired", "Current", "URL", "Age"} <= set(columns)
 
 
 def test_schema_is_structural() -> None:

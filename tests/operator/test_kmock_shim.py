@@ -55,3 +55,19 @@ async def test_gaps(kube: Kube) -> None:
     first = await asyncio.to_thread(events.create_namespaced_event, NS, ev)
     second = await asyncio.to_thread(events.create_namespaced_event, NS, ev)
     assert first.metadata.name != second.metadata.name and first.metadata.name.startswith("p.")  # 1
+
+
+async def test_stale_json_patch_test_is_422_and_unknown_kinds_are_404(kube: Kube) -> None:
+    custom = kube.custom
+    created = await asyncio.to_thread(custom.create_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, body())
+    stale = str(int(created["metadata"]["resourceVersion"]) - 1)
+    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": stale},
+           {"op": "add", "path": "/metadata/finalizers", "value": []}]
+    with pytest.raises(client.ApiException) as info:  # 8: kopf re-reads on 422 (kmock said 500)
+        await asyncio.to_thread(custom.patch_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, "p", ops,
+                                _content_type="application/json-patch+json")
+    assert info.value.status == 422
+    with pytest.raises(client.ApiException) as info:  # a kind without a (CRD) declaration
+        await asyncio.to_thread(custom.create_namespaced_custom_object, "example.com", "v1", NS, "widgets",
+                                {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}})
+    assert info.value.status == 404

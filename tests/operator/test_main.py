@@ -33,3 +33,25 @@ def _root() -> str:
     from tests.operator.crd import ROOT
 
     return str(ROOT)
+
+
+def test_peering_for_several_replicas() -> None:
+    args = parse_args(["-A", "--peering", "aqueduct"])
+    assert args.peering == "aqueduct" and not args.standalone and args.priority is None
+    with pytest.raises(SystemExit):
+        parse_args(["-A", "--peering", "aqueduct", "--standalone"])
+
+
+def test_peering_replicas_get_distinct_priorities(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kopf
+    from aqueduct_operator import __main__
+
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(kopf, "configure", lambda **kwargs: None)
+    for _ in range(3):
+        __main__.main(["-A", "--peering", "aqueduct", "--liveness", ""])
+    __main__.main(["-n", "a", "--standalone", "--liveness", ""])
+    priorities = {call["priority"] for call in calls[:3]}
+    assert len(priorities) == 3 and all(call["peering_name"] == "aqueduct" for call in calls[:3])
+    assert calls[3]["peering_name"] is None and calls[3]["standalone"] is True and calls[3]["priority"] is None

@@ -6,14 +6,17 @@ import asyncio
 import copy
 from typing import Any
 
+import kubernetes
 import pytest
 import yaml
 from aqueduct_operator import GROUP, PLURAL, VERSION
 from aqueduct_operator.apply import Cluster, reconcile
 from aqueduct_operator.handlers import IMAGE_ENV
+from kubernetes import client
 
 from tests.operator import crd
 from tests.operator.conftest import Kube, OperatorThread, wait_for
+from tests.operator.kmock_shim import BUILTINS, crd_resources, serving, write_kubeconfig
 
 NS = "default"
 
@@ -277,3 +280,82 @@ async def test_model_storage_and_the_operators_image(
                                      if e.involved_object.name == "resnet" and e.reason == "ModelFetchFailed"],
                             what="a ModelFetchFailed event")
     assert events[0].type == "Warning" and uri in events[0].message
+
+
+async def test_autoscaled_replicas_are_left_to_the_autoscaler(kube: Kube, operator: OperatorThread) -> None:
+    body = pipeline("scaled")
+    body["spec"]["autoscaling"] = {"minReplicas": 2, "maxReplicas": 6, "metric": "queueDepth", "target": 10}
+    await create(kube, body)
+    hpa = await wait_for(lambda: read(kube, "HorizontalPodAutoscaler", "scaled"), what="the HPA")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "scaled" and hpa["spec"]["maxReplicas"] == 6
+    dep = await wait_for(lambda: read(kube, "Deployment", "scaled"), what="the Deployment")
+    assert dep["spec"]["replicas"] == 2
+    await wait_for(lambda: read(kube, "PodDisruptionBudget", "scaled"), what="the PodDisruptionBudget")
+
+    # The autoscaler scales to 5, and the pods come up: the operator keeps the count and reports it.
+    await asyncio.to_thread(
+        kube.apps.patch_namespaced_deployment, "scaled", NS, [{"op": "replace", "path": "/spec/replicas", "value": 5}],
+        _content_type="application/json-patch+json",
+    )
+    await asyncio.to_thread(
+        kube.apps.patch_namespaced_deployment_status, "scaled", NS,
+        {"status": {"observedGeneration": 99, "replicas": 5, "readyReplicas": 5, "availableReplicas": 5,
+                    "updatedReplicas": 5}},
+        _content_type="application/merge-patch+json",
+    )
+    scaled = await wait_for(lambda: (b := get_pipeline(kube, "scaled")).get("status", {}).get("readyReplicas") == 5
+                            and b, what="5 ready replicas in the status")
+    assert scaled["status"]["desiredReplicas"] == 5 and scaled["status"]["replicas"] == 5
+    assert condition(scaled, "Ready")["status"] == "True"
+
+    # Everything else is still repaired: a hand-edited image comes back, replicas stay at 5, the HPA returns.
+    await asyncio.to_thread(
+        kube.apps.patch_namespaced_deployment, "scaled", NS,
+        [{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": "evil:latest"}],
+        _content_type="application/json-patch+json",
+    )
+    dep = await wait_for(lambda: (d := read(kube, "Deployment", "scaled"))
+                         and d["spec"]["template"]["spec"]["containers"][0]["image"] == "aqueduct:dev" and d,
+                         what="the image restored")
+    assert dep["spec"]["replicas"] == 5
+    cluster = Cluster(kube.api)
+    await asyncio.to_thread(cluster.delete, "HorizontalPodAutoscaler", NS, "scaled")
+    await asyncio.to_thread(reconcile, cluster, NS, "scaled", lambda *e: None)  # what the resync timer does
+    assert await asyncio.to_thread(read, kube, "HorizontalPodAutoscaler", "scaled") is not None
+    replica_writes = [r for r in kube.shim.requests if r.method.value == "PATCH" and r.url.path.endswith(
+        "/deployments/scaled") and str(r.headers.get("User-Agent", "")).startswith("aqueduct-operator")
+        and "/spec/replicas" in r.text]
+    assert replica_writes == []
+
+    # Autoscaling off: the HPA goes, and the operator owns spec.replicas again.
+    await asyncio.to_thread(
+        kube.custom.patch_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, "scaled",
+        [{"op": "remove", "path": "/spec/autoscaling"}, {"op": "add", "path": "/spec/replicas", "value": 3}],
+        _content_type="application/json-patch+json",
+    )
+    await wait_for(lambda: read(kube, "HorizontalPodAutoscaler", "scaled") is None, what="the HPA deleted")
+    dep = await wait_for(lambda: (d := read(kube, "Deployment", "scaled"))["spec"]["replicas"] == 3 and d,
+                         what="replicas back to 3")
+    assert "aqueduct.dev/replicas-owner" not in dep["metadata"]["annotations"]
+
+
+async def test_an_autoscaler_the_cluster_does_not_serve_is_reported(tmp_path: Any) -> None:
+    """KEDA not installed: the ScaledObject cannot be created, and the status says which kind is missing."""
+    async with serving({**BUILTINS, **crd_resources(crd.crd())}) as (_, url):  # no KEDA CRD
+        path = str(tmp_path / "kubeconfig")
+        write_kubeconfig(path, url)
+        configuration = client.Configuration()
+        kubernetes.config.load_kube_config(config_file=path, client_configuration=configuration)
+        with client.ApiClient(configuration) as api:
+            body = pipeline("scaled")
+            body["spec"]["autoscaling"] = {"engine": "keda", "maxReplicas": 4, "target": 10,
+                                           "prometheus": "http://prometheus:9090"}
+            await asyncio.to_thread(client.CustomObjectsApi(api).create_namespaced_custom_object,
+                                    GROUP, VERSION, NS, PLURAL, body)
+            events: list[tuple[str, str, str]] = []
+            status = await asyncio.to_thread(reconcile, Cluster(api), NS, "scaled", lambda *e: events.append(e))
+    assert status is not None
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "ApplyFailed"
+    assert ready["message"].startswith("ScaledObject scaled: ") and "keda.sh/v1alpha1 ScaledObject" in ready["message"]
+    assert ("Warning", "ApplyFailed", ready["message"]) in events

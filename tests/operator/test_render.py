@@ -129,7 +129,7 @@ def test_gpu_pod_knobs() -> None:
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
-    assert pod["terminationGracePeriodSeconds"] == 60 + render.GRACE_MARGIN
+    assert pod["terminationGracePeriodSeconds"] == 5 + 60 + render.GRACE_MARGIN  # preStop pause + graceful
 
 
 @pytest.mark.parametrize("name", ["pipeline.yaml", "pipelines/gpu.yaml", "pipelines/noop.yaml",
@@ -153,4 +153,9 @@ def test_any_valid_pipeline_renders_valid_objects(body: dict[str, Any]) -> None:
         assert step["batch_size"] == raw.get("batchSize", 1)
         assert step["batch_timeout"] == raw.get("batchTimeout", 0)
     dep = by_kind(objs)["Deployment"]
-    assert dep["spec"]["replicas"] == body["spec"].get("replicas", 1)
+    auto = body["spec"].get("autoscaling")
+    if auto is None:
+        assert dep["spec"]["replicas"] == body["spec"].get("replicas", 1)
+    else:  # created at the minimum, then the autoscaler's
+        assert dep["spec"]["replicas"] == auto["minReplicas"]
+        assert by_kind(objs)["HorizontalPodAutoscaler"]["spec"]["maxReplicas"] == auto["maxReplicas"]

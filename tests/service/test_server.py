@@ -228,3 +228,18 @@ def test_readme_curl(catdetector_server: Server) -> None:
     reply = catdetector_server.client.post("/v2/models/catdetector/infer", content=body)
     assert reply.status_code == 200
     assert reply.json() == orjson.loads(expected.group(1))
+
+
+async def test_in_flight_gauge_counts_requests_being_answered(echo_server: Server) -> None:
+    assert metric(echo_server, "aqueduct_http_requests_in_flight") == 0
+    async with httpx.AsyncClient(base_url=echo_server.url, timeout=60) as client:
+        pending = [
+            asyncio.create_task(client.post("/v2/models/echo/infer", json=infer_body([i], sleep=1.0))) for i in range(3)
+        ]
+        deadline = asyncio.get_running_loop().time() + 30
+        while await asyncio.to_thread(metric, echo_server, "aqueduct_http_requests_in_flight") < 3:
+            assert asyncio.get_running_loop().time() < deadline, "3 requests never showed as in flight"
+            await asyncio.sleep(0.02)
+        replies = await asyncio.gather(*pending)
+    assert [r.status_code for r in replies] == [200] * 3
+    assert metric(echo_server, "aqueduct_http_requests_in_flight") == 0
