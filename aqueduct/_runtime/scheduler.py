@@ -31,6 +31,7 @@ from ..step import FlowStep
 from ..task import BaseTask
 from . import codec, pipes, shm
 from .adaptive import AdaptiveWindow
+from .shm import ARENA_SUFFIX
 from .supervisor import WorkerProcess, spawn
 from .worker import ERROR, EXPIRED, OK, describe_exception
 
@@ -55,6 +56,8 @@ class Entry:
         "segments",
         "keep",
         "worker_refs",
+        "worker_blocks",
+        "delivered",
         "in_worker",
         "released",
         "enqueued_at",
@@ -69,6 +72,8 @@ class Entry:
         self.segments: dict[str, shm.Segment] = {}
         self.keep: frozenset[str] = frozenset()
         self.worker_refs: set[str] | None = None
+        self.worker_blocks: set[tuple[str, int, int]] | None = None  # in workers' output arenas
+        self.delivered = False  # the caller got the final result (and frees its output blocks)
         self.in_worker = False
         self.released = False
         self.enqueued_at = 0.0
@@ -93,16 +98,20 @@ class Entry:
             return
         self.released = True
         if self.worker_refs:
-            final = {ref[0] for ref in self.encoded[1]} if self.encoded is not None and self.keeps_final() else set()
-            for name in self.worker_refs - final:
+            for name in self.worker_refs:
                 shm.unlink(name)
+        self.free_blocks()
         for name, seg in self.segments.items():
-            if name not in self.keep:
+            if name not in self.keep and not name.endswith(ARENA_SUFFIX):  # arenas outlive their tasks
                 seg.unlink()
 
-    def keeps_final(self) -> bool:
-        """Whether the segments of the final encoded result belong to someone else to release."""
-        return False
+    def free_blocks(self) -> None:
+        """Free the output-arena blocks of this task's results that its caller will not read."""
+        if self.worker_blocks:
+            blocks = self.worker_blocks
+            if self.delivered and self.encoded is not None:
+                blocks = blocks - codec.output_blocks(self.encoded[1])  # the caller frees those
+            codec.free_outputs(blocks)
 
 
 class LocalEntry(Entry):
@@ -125,12 +134,13 @@ class LocalEntry(Entry):
     def finish(self, step_name: str) -> None:
         if self.future.done():
             return
-        if self.encoded is not None and self.current is None:
+        if self.encoded is not None:  # (a decoding made for a handle_condition holds views, not copies)
             try:
-                self.current = codec.decode(self.encoded[0], self.encoded[1], self.segments)
+                self.current = codec.decode(self.encoded[0], self.encoded[1], self.segments, final=True)
             except Exception as exc:  # noqa: BLE001 - the task fails, the flow goes on
                 self.fail(TaskError(step_name, *describe_exception(exc)))
                 return
+            self.delivered = True
         self.future.set_result(self.current if self.current is not None else self.task)
 
     def fail(self, exc: BaseException) -> None:
@@ -579,7 +589,10 @@ class Scheduler:
             if status == OK:
                 refs = payload[1]
                 if refs:
-                    made = {ref[0] for ref in refs if ref[0].startswith(worker_prefix)}
+                    blocks = codec.output_blocks(refs)
+                    if blocks:
+                        entry.worker_blocks = blocks if entry.worker_blocks is None else entry.worker_blocks | blocks
+                    made = {r[0] for r in refs if r[0].startswith(worker_prefix) and not r[0].endswith(ARENA_SUFFIX)}
                     if made:
                         entry.worker_refs = made if entry.worker_refs is None else entry.worker_refs | made
             if entry.done:

@@ -120,3 +120,11 @@ class DiesInStartAfterMarker(Recorder):
     def on_start(self) -> None:
         if self.marker.exists():
             os._exit(3)
+
+
+class MakesLargeOutput(BaseTaskHandler):
+    """Sets ``result`` to a 1 MiB array filled with the task's ``value`` (an int)."""
+
+    def handle(self, *tasks: Task) -> None:
+        for task in tasks:
+            task.result = np.full(1 << 18, task.value, dtype=np.int32)
