@@ -24,13 +24,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..exceptions import TaskError, TaskTimeoutError, WorkerDiedError
-from ..handler import BaseTaskHandler
 from ..logger import log
 from ..metrics import FlowMetrics, StepMetrics
 from ..step import FlowStep
 from ..task import BaseTask
 from . import codec, pipes, shm
 from .adaptive import AdaptiveWindow
+from .devices import worker_environment
 from .shm import ARENA_SUFFIX
 from .supervisor import WorkerProcess, spawn
 from .worker import ERROR, EXPIRED, OK, describe_exception
@@ -270,7 +270,7 @@ class Scheduler:
         queue_size: int,
         metrics: FlowMetrics | None,
         prefix: str,
-        spawn_worker: Callable[[BaseTaskHandler, str, bool, int], WorkerProcess],
+        spawn_worker: Callable[[FlowStep, str, int], WorkerProcess],
     ) -> None:
         self.steps = [
             _StepRuntime(step, i, name, priorities, metrics.steps[i] if metrics else None)
@@ -300,7 +300,7 @@ class Scheduler:
         return [(rt, self._spawn(rt, slot)) for rt in self.steps for slot in range(rt.step.nprocs)]
 
     def _spawn(self, rt: _StepRuntime, slot: int) -> WorkerProcess:
-        w = self._spawn_worker(rt.step.handler, rt.name, rt.step.bisect, slot)
+        w = self._spawn_worker(rt.step, rt.name, slot)
         rt.workers[slot] = w
         return w
 
@@ -727,10 +727,11 @@ def exit_reason(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def spawner(ctx: Any, prefix: str, threads: int) -> Callable[[BaseTaskHandler, str, bool, int], WorkerProcess]:
-    """A function starting one worker of a step with the flow's context, shared-memory prefix and threads."""
+def spawner(ctx: Any, prefix: str, threads: int) -> Callable[[FlowStep, str, int], WorkerProcess]:
+    """A function starting worker ``slot`` of a step with the flow's context, shared-memory prefix and threads."""
 
-    def start(handler: BaseTaskHandler, step_name: str, bisect: bool, slot: int) -> WorkerProcess:
-        return spawn(ctx, handler, step_name, bisect, prefix, slot, threads)
+    def start(step: FlowStep, step_name: str, slot: int) -> WorkerProcess:
+        env = worker_environment(slot, step.gpu_per_worker)
+        return spawn(ctx, step.handler, step_name, step.bisect, prefix, slot, threads, env)
 
     return start

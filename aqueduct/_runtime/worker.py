@@ -148,9 +148,13 @@ def worker_main(
     flow_prefix: str,
     close_fds: list[int],
     threads: int,
+    env: dict[str, str],
+    slot: int,
 ) -> None:
     """Entry point of a worker process; ``close_fds`` are the parent's pipe ends a forked child inherited,
-    ``threads`` the math-library threads it may use."""
+    ``threads`` the math-library threads it may use, ``env`` variables to set first, ``slot`` its index."""
+    os.environ.update(env)
+    handler.worker_index = slot
     in_fd, out_fd = in_conn.fileno(), out_conn.fileno()
     for fd in close_fds:
         try:

@@ -128,3 +128,15 @@ class MakesLargeOutput(BaseTaskHandler):
     def handle(self, *tasks: Task) -> None:
         for task in tasks:
             task.result = np.full(1 << 18, task.value, dtype=np.int32)
+
+
+class DeviceReporter(BaseTaskHandler):
+    """Reports what its worker saw in ``on_start``: its index and ``CUDA_VISIBLE_DEVICES``."""
+
+    def on_start(self) -> None:
+        self.seen = (self.worker_index, os.environ.get("AQUEDUCT_WORKER_INDEX"), os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    def handle(self, *tasks: Task) -> None:
+        time.sleep(0.05)  # long enough for the batches to spread over the workers
+        for task in tasks:
+            task.result = self.seen
