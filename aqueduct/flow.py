@@ -20,6 +20,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry
 
 from ._runtime import shm
+from ._runtime.devices import check_cuda_not_initialised
 from ._runtime.scheduler import LocalEntry, Scheduler, spawner
 from ._runtime.supervisor import WorkerProcess, kill_all
 from ._runtime.threads import worker_share
@@ -338,6 +339,8 @@ class Flow:
     def _begin(self) -> None:
         if self._state is not FlowState.STOPPED:
             raise FlowError(f"Flow is {self._state.value}; start() needs a stopped flow")
+        if self._ctx.get_start_method() == "fork":
+            check_cuda_not_initialised()
         self._state = FlowState.STARTING
         self._prefix = shm.new_flow_prefix()
         self._idle = self._exited = None

@@ -33,6 +33,9 @@ class BaseTaskHandler:
                     task.result = out
     """
 
+    #: Index of the worker process running this handler within its step (0 .. nprocs-1), set before ``on_start``.
+    worker_index: int = 0
+
     @classmethod
     def get_step_name(cls, step_number: int) -> str:
         """Default name of the step at 1-based ``step_number`` running this handler."""

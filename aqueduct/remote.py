@@ -100,15 +100,16 @@ class _RemoteEntry(Entry):
 
     def release(self) -> None:
         # The client releases what it made and what it got back; here only the intermediate results'
-        # segments, and everything the workers made when the answer never reached the client.
+        # shared memory, and everything the workers made when the answer never reached the client.
         if self.released or self.in_worker or not self.done:
             return
         self.released = True
         names = set(self.worker_refs or ())
-        if self.delivered and not self.client.closed and self.encoded is not None:
+        if self.delivered and self.encoded is not None:
             names.difference_update(ref[0] for ref in self.encoded[1])
         for name in names:
             shm.unlink(name)
+        self.free_blocks()
 
 
 class _Client:
@@ -322,14 +323,14 @@ class RemoteFlow:
             if not ok:
                 raise payload
             try:
-                result = codec.decode(payload[0], payload[1], segments)
+                result = codec.decode(payload[0], payload[1], segments, final=True)
             except Exception as exc:  # noqa: BLE001
                 raise TaskError("flow", *describe_exception(exc)) from None
             task.update(result)
             return True
         finally:
             for name, seg in segments.items():
-                if name not in keep:
+                if name not in keep and not name.endswith(shm.ARENA_SUFFIX):  # arenas outlive their tasks
                     seg.unlink()
 
     async def health(self) -> FlowHealth:
@@ -404,7 +405,8 @@ def _expire(future: asyncio.Future[Any]) -> None:
 
 
 def _unlink_answer(encoded: codec.Encoded, own_prefix: str, own: dict[str, shm.Segment]) -> None:
-    """An answer nobody waits for any more: remove the segments the workers made for it."""
+    """An answer nobody waits for any more: free the shared memory the workers made for it."""
+    codec.free_outputs(codec.output_blocks(encoded[1]))
     for name, *_ in encoded[1]:
-        if name not in own and not name.startswith(own_prefix):
+        if name not in own and not name.startswith(own_prefix) and not name.endswith(shm.ARENA_SUFFIX):
             shm.unlink(name)

@@ -25,9 +25,13 @@ class FlowStep:
             and what a batch costs, and a free worker waits for a fuller batch only while that
             keeps the oldest task within this target and more tasks are expected; it replaces
             the fixed ``batch_timeout``.
-        bisect: when ``handle()`` raises for a batch, re-run halves of it to find the task(s)
-            that fail, so that the others complete. Set False for handlers with side effects:
-            then the whole batch fails.
+        bisect: when ``handle()`` raises for a batch, or its worker dies handling it, re-run
+            halves of it to find the task(s) to blame, so that the others complete. Set False for
+            handlers with side effects: then the whole batch fails.
+        gpu_per_worker: worker *i* of the step sees only GPU *i mod G* of the G GPUs the flow's
+            process sees (``CUDA_VISIBLE_DEVICES`` set before ``on_start``; the framework calls it
+            ``cuda:0``). Off by default: every worker sees every GPU. A handler knows its worker's
+            index as ``self.worker_index`` (and ``$AQUEDUCT_WORKER_INDEX``) from ``on_start`` on.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class FlowStep:
         name: str | None = None,
         bisect: bool = True,
         latency_target: float | None = None,
+        gpu_per_worker: bool = False,
     ) -> None:
         if not isinstance(handler, BaseTaskHandler):
             raise TypeError(f"handler must be a BaseTaskHandler instance, got {type(handler).__name__}")
@@ -64,3 +69,4 @@ class FlowStep:
         self.name = name
         self.bisect = bisect
         self.latency_target = latency_target
+        self.gpu_per_worker = gpu_per_worker

@@ -10,6 +10,7 @@ segments and unpickles with ``buffers=``, so arrays come out as views of shared 
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import threading
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .arena import OUTPUT_ARENA_SUFFIX, OutputArena, free_output
 from .shm import Segment, open_cached
 
 SHM_THRESHOLD = 64 * 1024
@@ -30,10 +32,18 @@ def _address(raw: memoryview) -> int:
     return int(np.frombuffer(raw, dtype=np.uint8).ctypes.data)
 
 
-def encode(obj: Any, segments: dict[str, Segment], prefix: str) -> Encoded:
+def encode(
+    obj: Any,
+    segments: dict[str, Segment],
+    prefix: str,
+    outputs: OutputArena | None = None,
+    expires_at: float = math.inf,
+) -> Encoded:
     """Pickle ``obj``; large or already-shared buffers become references to ``segments``.
 
-    New segments are created with names starting with ``prefix`` and added to ``segments``.
+    A large buffer found in no segment is copied into ``outputs`` (a worker's output arena; its block
+    is kept until ``expires_at`` at least, unless its reader frees it) or, without one or when it is
+    full, into a new segment named with ``prefix``; either is added to ``segments``.
     """
     refs: list[BufferRef] = []
 
@@ -53,6 +63,12 @@ def encode(obj: Any, segments: dict[str, Segment], prefix: str) -> Encoded:
                 return False
         if nbytes < SHM_THRESHOLD:
             return True
+        if outputs is not None:
+            offset = outputs.put(raw, expires_at)
+            if offset is not None:
+                segments[outputs.name] = outputs.segment
+                refs.append((outputs.name, outputs.size, offset, nbytes))
+                return False
         seg = Segment.create(prefix, raw)
         segments[seg.name] = seg
         refs.append((seg.name, seg.size, 0, nbytes))
@@ -116,18 +132,44 @@ def _small_array(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
-def decode(data: bytes, refs: list[BufferRef], segments: dict[str, Segment]) -> Any:
-    """Unpickle what ``encode`` made, mapping the referenced segments (kept in ``segments``)."""
+def decode(data: bytes, refs: list[BufferRef], segments: dict[str, Segment], final: bool = False) -> Any:
+    """Unpickle what ``encode`` made, mapping the referenced segments (kept in ``segments``).
+
+    ``final``: this is the task's answer, read by its caller: what lies in output arenas is copied
+    out and its blocks freed (the worker reuses them); everything else stays a view of shared memory.
+    """
     if not refs:
         return pickle.loads(data)
-    buffers = []
+    buffers: list[memoryview | bytearray] = []
+    done: set[tuple[str, int]] = set()
     for name, size, offset, nbytes in refs:
         seg = segments.get(name)
         if seg is None:
             seg = open_cached(name, size)
             segments[name] = seg
-        buffers.append(seg.view(offset, nbytes))
+        view = seg.view(offset, nbytes)
+        if final and name.endswith(OUTPUT_ARENA_SUFFIX):
+            buffers.append(bytearray(view))
+            done.add((name, offset))
+        else:
+            buffers.append(view)
+    for name, offset in done:  # after every copy: the same block may be referenced twice
+        free_output(segments[name], offset)
     return pickle.loads(data, buffers=buffers)
+
+
+def output_blocks(refs: list[BufferRef]) -> set[tuple[str, int, int]]:
+    """The output-arena blocks ``refs`` point into: ``(arena name, arena size, offset)``."""
+    return {(name, size, offset) for name, size, offset, _ in refs if name.endswith(OUTPUT_ARENA_SUFFIX)}
+
+
+def free_outputs(blocks: set[tuple[str, int, int]]) -> None:
+    """Free output-arena blocks nobody will read (their arena may be gone with its worker)."""
+    for name, size, offset in blocks:
+        try:
+            free_output(open_cached(name, size), offset)
+        except FileNotFoundError:
+            pass
 
 
 class OutOfBandBytes:

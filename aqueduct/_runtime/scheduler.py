@@ -24,13 +24,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..exceptions import TaskError, TaskTimeoutError, WorkerDiedError
-from ..handler import BaseTaskHandler
 from ..logger import log
 from ..metrics import FlowMetrics, StepMetrics
 from ..step import FlowStep
 from ..task import BaseTask
 from . import codec, pipes, shm
 from .adaptive import AdaptiveWindow
+from .devices import worker_environment
+from .shm import ARENA_SUFFIX
 from .supervisor import WorkerProcess, spawn
 from .worker import ERROR, EXPIRED, OK, describe_exception
 
@@ -55,6 +56,8 @@ class Entry:
         "segments",
         "keep",
         "worker_refs",
+        "worker_blocks",
+        "delivered",
         "in_worker",
         "released",
         "enqueued_at",
@@ -69,6 +72,8 @@ class Entry:
         self.segments: dict[str, shm.Segment] = {}
         self.keep: frozenset[str] = frozenset()
         self.worker_refs: set[str] | None = None
+        self.worker_blocks: set[tuple[str, int, int]] | None = None  # in workers' output arenas
+        self.delivered = False  # the caller got the final result (and frees its output blocks)
         self.in_worker = False
         self.released = False
         self.enqueued_at = 0.0
@@ -93,16 +98,20 @@ class Entry:
             return
         self.released = True
         if self.worker_refs:
-            final = {ref[0] for ref in self.encoded[1]} if self.encoded is not None and self.keeps_final() else set()
-            for name in self.worker_refs - final:
+            for name in self.worker_refs:
                 shm.unlink(name)
+        self.free_blocks()
         for name, seg in self.segments.items():
-            if name not in self.keep:
+            if name not in self.keep and not name.endswith(ARENA_SUFFIX):  # arenas outlive their tasks
                 seg.unlink()
 
-    def keeps_final(self) -> bool:
-        """Whether the segments of the final encoded result belong to someone else to release."""
-        return False
+    def free_blocks(self) -> None:
+        """Free the output-arena blocks of this task's results that its caller will not read."""
+        if self.worker_blocks:
+            blocks = self.worker_blocks
+            if self.delivered and self.encoded is not None:
+                blocks = blocks - codec.output_blocks(self.encoded[1])  # the caller frees those
+            codec.free_outputs(blocks)
 
 
 class LocalEntry(Entry):
@@ -125,12 +134,13 @@ class LocalEntry(Entry):
     def finish(self, step_name: str) -> None:
         if self.future.done():
             return
-        if self.encoded is not None and self.current is None:
+        if self.encoded is not None:  # (a decoding made for a handle_condition holds views, not copies)
             try:
-                self.current = codec.decode(self.encoded[0], self.encoded[1], self.segments)
+                self.current = codec.decode(self.encoded[0], self.encoded[1], self.segments, final=True)
             except Exception as exc:  # noqa: BLE001 - the task fails, the flow goes on
                 self.fail(TaskError(step_name, *describe_exception(exc)))
                 return
+            self.delivered = True
         self.future.set_result(self.current if self.current is not None else self.task)
 
     def fail(self, exc: BaseException) -> None:
@@ -260,7 +270,7 @@ class Scheduler:
         queue_size: int,
         metrics: FlowMetrics | None,
         prefix: str,
-        spawn_worker: Callable[[BaseTaskHandler, str, bool, int], WorkerProcess],
+        spawn_worker: Callable[[FlowStep, str, int], WorkerProcess],
     ) -> None:
         self.steps = [
             _StepRuntime(step, i, name, priorities, metrics.steps[i] if metrics else None)
@@ -290,7 +300,7 @@ class Scheduler:
         return [(rt, self._spawn(rt, slot)) for rt in self.steps for slot in range(rt.step.nprocs)]
 
     def _spawn(self, rt: _StepRuntime, slot: int) -> WorkerProcess:
-        w = self._spawn_worker(rt.step.handler, rt.name, rt.step.bisect, slot)
+        w = self._spawn_worker(rt.step, rt.name, slot)
         rt.workers[slot] = w
         return w
 
@@ -579,7 +589,10 @@ class Scheduler:
             if status == OK:
                 refs = payload[1]
                 if refs:
-                    made = {ref[0] for ref in refs if ref[0].startswith(worker_prefix)}
+                    blocks = codec.output_blocks(refs)
+                    if blocks:
+                        entry.worker_blocks = blocks if entry.worker_blocks is None else entry.worker_blocks | blocks
+                    made = {r[0] for r in refs if r[0].startswith(worker_prefix) and not r[0].endswith(ARENA_SUFFIX)}
                     if made:
                         entry.worker_refs = made if entry.worker_refs is None else entry.worker_refs | made
             if entry.done:
@@ -714,10 +727,11 @@ def exit_reason(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def spawner(ctx: Any, prefix: str, threads: int) -> Callable[[BaseTaskHandler, str, bool, int], WorkerProcess]:
-    """A function starting one worker of a step with the flow's context, shared-memory prefix and threads."""
+def spawner(ctx: Any, prefix: str, threads: int) -> Callable[[FlowStep, str, int], WorkerProcess]:
+    """A function starting worker ``slot`` of a step with the flow's context, shared-memory prefix and threads."""
 
-    def start(handler: BaseTaskHandler, step_name: str, bisect: bool, slot: int) -> WorkerProcess:
-        return spawn(ctx, handler, step_name, bisect, prefix, slot, threads)
+    def start(step: FlowStep, step_name: str, slot: int) -> WorkerProcess:
+        env = worker_environment(slot, step.gpu_per_worker)
+        return spawn(ctx, step.handler, step_name, step.bisect, prefix, slot, threads, env)
 
     return start

@@ -131,8 +131,10 @@ def spawn(
     flow_prefix: str,
     slot: int,
     threads: int,
+    env: dict[str, str],
 ) -> WorkerProcess:
-    """Start one worker process for a step; its math libraries get ``threads`` threads (see ``threads.py``)."""
+    """Start one worker process for a step; its math libraries get ``threads`` threads (see ``threads.py``),
+    and ``env`` is set in it before anything else."""
     to_r, to_w = os.pipe()
     from_r, from_w = os.pipe()
     _PARENT_FDS.update((to_w, from_r))
@@ -141,7 +143,7 @@ def spawn(
     inherited = sorted(_PARENT_FDS) if ctx.get_start_method() == "fork" else []
     process = ctx.Process(  # type: ignore[attr-defined]
         target=worker_main,
-        args=(handler, step_name, bisect, child_in, child_out, flow_prefix, inherited, threads),
+        args=(handler, step_name, bisect, child_in, child_out, flow_prefix, inherited, threads, env, slot),
         name=f"aqueduct-{step_name}-{slot}",
         daemon=True,
     )

@@ -9,6 +9,7 @@ outcome is ``(OK, encoded task)``, ``(ERROR, (type, message, traceback))`` or ``
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import signal
 import sys
@@ -20,9 +21,12 @@ from typing import Any
 from ..handler import BaseTaskHandler
 from ..task import BaseTask
 from . import codec, pipes, shm
+from .arena import OutputArena
 from .threads import limit_math_threads
 
 OK, ERROR, EXPIRED = 0, 1, 2
+#: Size of each worker's arena for outputs of 64 KiB or more (its pages are taken as they are written).
+OUTPUT_ARENA_BYTES = 32 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
 
 
@@ -64,6 +68,7 @@ class _Worker:
         self.in_fd = in_fd
         self.out_fd = out_fd
         self.prefix = f"{flow_prefix}-w{os.getpid()}"
+        self.outputs: OutputArena | None = None  # made when the first large output is sent back
 
     def send(self, message: Any) -> None:
         pipes.write_blocking(self.out_fd, pipes.pack(message))
@@ -99,13 +104,23 @@ class _Worker:
         if live:
             self.handle(live, outcomes)
         elapsed = time.perf_counter() - started
+        expires_at = max((task.expiration_time or math.inf for _, task in live), default=math.inf)
         for i, task in live:
             if outcomes[i][0] == OK:
                 try:
-                    outcomes[i] = (OK, codec.encode(task, segments, self.prefix))
+                    outcomes[i] = (OK, codec.encode(task, segments, self.prefix, self.output_arena(), expires_at))
                 except Exception as exc:  # noqa: BLE001 - e.g. the handler set an unpicklable field
                     outcomes[i] = (ERROR, describe_exception(exc))
         self.send(("done", batch_id, outcomes, elapsed))
+
+    def output_arena(self) -> OutputArena | None:
+        """This worker's arena for large outputs (None where /dev/shm has no room for one)."""
+        if self.outputs is None and OUTPUT_ARENA_BYTES:
+            try:
+                self.outputs = OutputArena(self.prefix, OUTPUT_ARENA_BYTES)
+            except OSError:
+                return None
+        return self.outputs
 
     def handle(self, live: list[tuple[int, BaseTask]], outcomes: list[tuple[int, Any]]) -> None:
         try:
@@ -133,9 +148,13 @@ def worker_main(
     flow_prefix: str,
     close_fds: list[int],
     threads: int,
+    env: dict[str, str],
+    slot: int,
 ) -> None:
     """Entry point of a worker process; ``close_fds`` are the parent's pipe ends a forked child inherited,
-    ``threads`` the math-library threads it may use."""
+    ``threads`` the math-library threads it may use, ``env`` variables to set first, ``slot`` its index."""
+    os.environ.update(env)
+    handler.worker_index = slot
     in_fd, out_fd = in_conn.fileno(), out_conn.fileno()
     for fd in close_fds:
         try:

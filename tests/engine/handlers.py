@@ -120,3 +120,23 @@ class DiesInStartAfterMarker(Recorder):
     def on_start(self) -> None:
         if self.marker.exists():
             os._exit(3)
+
+
+class MakesLargeOutput(BaseTaskHandler):
+    """Sets ``result`` to a 1 MiB array filled with the task's ``value`` (an int)."""
+
+    def handle(self, *tasks: Task) -> None:
+        for task in tasks:
+            task.result = np.full(1 << 18, task.value, dtype=np.int32)
+
+
+class DeviceReporter(BaseTaskHandler):
+    """Reports what its worker saw in ``on_start``: its index and ``CUDA_VISIBLE_DEVICES``."""
+
+    def on_start(self) -> None:
+        self.seen = (self.worker_index, os.environ.get("AQUEDUCT_WORKER_INDEX"), os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    def handle(self, *tasks: Task) -> None:
+        time.sleep(0.05)  # long enough for the batches to spread over the workers
+        for task in tasks:
+            task.result = self.seen

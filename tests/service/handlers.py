@@ -12,14 +12,16 @@ from aqueduct_service import InferenceTask
 from aqueduct import BaseTaskHandler
 
 POISON = -1
+CRASH = -2
 
 
 class EchoHandler(BaseTaskHandler):
     """Echoes ``x`` as ``y`` and reports the batch size as ``batch``.
 
     Controlled per request through OIP parameters: ``sleep`` (seconds this batch takes, the max over its
-    tasks) and ``marker`` (a file to create when the batch starts). An ``x`` holding ``POISON`` makes
-    ``handle`` raise ``ValueError``. ``$TEST_START_SLEEP`` seconds are spent in ``on_start``.
+    tasks) and ``marker`` (a file to write the worker's pid in when the batch starts). An ``x`` holding
+    ``POISON`` makes ``handle`` raise ``ValueError``; one holding ``CRASH`` kills the worker
+    (``os.abort()``). ``$TEST_START_SLEEP`` seconds are spent in ``on_start``.
     """
 
     def on_start(self) -> None:
@@ -29,9 +31,11 @@ class EchoHandler(BaseTaskHandler):
         for task in tasks:
             marker = task.parameters.get("marker")
             if marker:
-                pathlib.Path(marker).touch()
+                pathlib.Path(marker).write_text(str(os.getpid()))
         time.sleep(max(float(task.parameters.get("sleep", 0)) for task in tasks))
         for task in tasks:
+            if (task.inputs["x"] == CRASH).any():
+                os.abort()  # as a segfault in a native library would end the worker
             if (task.inputs["x"] == POISON).any():
                 raise ValueError(f"poisoned input in task {task.task_id}")
         for task in tasks:
