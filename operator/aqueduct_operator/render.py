@@ -118,6 +118,8 @@ def _step(step: Step) -> dict[str, Any]:
     }
     if step.options:  # only when set: Pipelines without options keep their config (and pods) unchanged
         config["options"] = dict(step.options)
+    if step.gpus != "all":  # the same
+        config["gpus"] = step.gpus
     return config
 
 

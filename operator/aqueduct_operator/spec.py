@@ -72,8 +72,10 @@ SPEC_FIELDS = frozenset(
     }
 )
 STEP_FIELDS = frozenset(
-    {"name", "handler", "nprocs", "batchSize", "batchTimeout", "latencyTarget", "handleCondition", "options"}
+    {"name", "handler", "nprocs", "batchSize", "batchTimeout", "latencyTarget", "handleCondition", "options", "gpus"}
 )
+# What GPUs a step's workers see: all of the pod's, or one each (worker i: GPU i mod G).
+GPU_PLACEMENTS = ("all", "per_worker")
 # Handler options are keyword arguments of the handler's constructor.
 OPTION_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 AUTOSCALING_FIELDS = frozenset(
@@ -108,6 +110,7 @@ class Step:
     latency_target: float | None = None
     handle_condition: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    gpus: str = "all"
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,9 @@ def _step(raw: Any, path: str) -> Step:
         raise InvalidSpec(f"{path}.name", f"must match {STEP_NAME_RE.pattern} (at most 63 characters), got {name!r}")
     condition = obj.get("handleCondition")
     latency = obj.get("latencyTarget")
+    gpus = obj.get("gpus", "all")
+    if gpus not in GPU_PLACEMENTS:
+        raise InvalidSpec(f"{path}.gpus", f"must be one of {', '.join(GPU_PLACEMENTS)}, got {gpus!r}")
     return Step(
         name=name,
         handler=_import_ref(obj["handler"], f"{path}.handler", "a handler class:ClassName"),
@@ -278,6 +284,7 @@ def _step(raw: Any, path: str) -> Step:
         if condition is None
         else _import_ref(condition, f"{path}.handleCondition", "a condition function:function"),
         options=_options(obj.get("options") or {}, f"{path}.options"),
+        gpus=gpus,
     )
 
 

@@ -86,6 +86,7 @@ def build_flow(settings: Settings) -> Flow:
                 batch_size=step.batch_size,
                 batch_timeout=step.batch_timeout,
                 latency_target=step.latency_target,
+                gpu_per_worker=step.gpus == "per_worker",
                 name=step.name,
                 **extra,
             )

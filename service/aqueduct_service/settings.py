@@ -52,6 +52,8 @@ class StepSettings:
     batch_timeout: float = 0.0
     latency_target: float | None = None
     handle_condition: str | None = None
+    #: ``all`` (every worker sees every GPU) or ``per_worker`` (worker i sees GPU i mod G).
+    gpus: str = "all"
     options: Mapping[str, Any] = field(default_factory=dict)
 
 

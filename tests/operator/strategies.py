@@ -37,6 +37,8 @@ def steps(draw: st.DrawFn) -> list[dict[str, Any]]:
         if draw(st.booleans()):
             step["handleCondition"] = draw(REF)
         if draw(st.booleans()):
+            step["gpus"] = draw(st.sampled_from(["all", "per_worker"]))
+        if draw(st.booleans()):
             step["options"] = draw(st.dictionaries(IDENT, OPTION_VALUE, max_size=3))
         result.append(step)
     return result

@@ -53,3 +53,13 @@ class ScaleHandler(BaseTaskHandler):
     def handle(self, *tasks: InferenceTask) -> None:
         for task in tasks:
             task.outputs["y"] = task.inputs["x"] * self.factor + self.offset
+
+
+class DeviceReporter(BaseTaskHandler):
+    """Answers ``worker`` (its worker index) and ``gpus`` (its ``CUDA_VISIBLE_DEVICES``, as BYTES)."""
+
+    def handle(self, *tasks: InferenceTask) -> None:
+        time.sleep(0.05)  # long enough for requests to spread over the workers
+        for task in tasks:
+            task.outputs["worker"] = np.array([self.worker_index], dtype=np.int32)
+            task.outputs["gpus"] = np.array([os.environ.get("CUDA_VISIBLE_DEVICES", "").encode()])

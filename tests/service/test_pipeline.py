@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ from aqueduct_service.settings import ConfigError, Settings, StepSettings, parse
 
 from tests.service.conftest import echo_config
 from tests.service.handlers import ScaleHandler
-from tests.service.test_server import infer_body
+from tests.service.test_server import infer_body, post_many
 
 
 def settings(**step: object) -> Settings:
@@ -96,3 +97,13 @@ def test_options_reach_the_handler_in_the_serving_pod(start_server: Any) -> None
     assert reply.status_code == 200, reply.text
     (output,) = reply.json()["outputs"]
     assert output["data"] == [4, 7]
+
+
+def test_gpus_per_worker_gives_each_worker_its_own_gpu(start_server: Any) -> None:
+    step = {"name": "report", "handler": "tests.service.handlers:DeviceReporter", "nprocs": 2, "gpus": "per_worker"}
+    # queue_priorities 2: no batches prefetched, so concurrent requests spread over both workers
+    doc = {"version": 1, "name": "echo", "steps": [step], "queue_priorities": 2, "server": {"workers": 1}}
+    server = start_server(doc, env={"CUDA_VISIBLE_DEVICES": "4,7"})
+    replies = asyncio.run(post_many(server.url, [infer_body([i]) for i in range(16)]))
+    seen = {(r.json()["outputs"][0]["data"][0], r.json()["outputs"][1]["data"][0]) for r in replies}
+    assert seen == {(0, "4"), (1, "7")}
