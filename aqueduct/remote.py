@@ -73,14 +73,14 @@ class ClientAddress:
 class _RemoteEntry(Entry):
     """A task from a client process: answered over the client's channel."""
 
-    __slots__ = ("client", "seq", "finished", "delivered")
+    __slots__ = ("client", "seq", "finished", "metrics")
 
     def __init__(self, client: _Client, seq: int, priority: int, expires_at: float, encoded: codec.Encoded) -> None:
         super().__init__(None, encoded, priority, expires_at)
         self.client = client
         self.seq = seq
         self.finished = False
-        self.delivered = False
+        self.metrics: FlowMetrics | None = None
 
     @property
     def done(self) -> bool:
@@ -138,13 +138,13 @@ class _Client:
 
     def _submit(self, items: list[tuple[int, int, float, bytes, list[codec.BufferRef]]]) -> None:
         flow = self.gateway.flow
-        metrics: FlowMetrics | None = self.gateway.metrics
         for seq, priority, expires_at, data, refs in items:
             try:
                 sched = flow.scheduler()
             except NotRunningError as exc:
                 self._reply(seq, False, exc)
                 continue
+            metrics = sched.metrics
             self.worker_prefix = sched.prefix + "-w"
             queued = sched.check_capacity()
             if queued is not None:
@@ -154,13 +154,14 @@ class _Client:
                 self._reply(seq, False, error)
                 continue
             entry = _RemoteEntry(self, seq, max(0, min(priority, sched.priorities - 1)), expires_at, (data, refs))
+            entry.metrics = metrics
             self.entries[seq] = entry
             sched.submit(entry)
 
     def answer(self, entry: _RemoteEntry, ok: bool, payload: Any) -> None:
         """Send a task's outcome and count it."""
         self.entries.pop(entry.seq, None)
-        metrics = self.gateway.metrics
+        metrics = entry.metrics
         if metrics:
             if ok:
                 metrics.flow_outcome["ok"].inc()
@@ -217,7 +218,6 @@ class FlowGateway:
         on_disconnect: Callable[[str], None] | None = None,
     ) -> None:
         self.flow = flow
-        self.metrics: FlowMetrics | None = flow._metrics
         self.exposition = exposition or (lambda: generate_latest(flow.metrics_registry))
         self._on_disconnect = on_disconnect
         self._prefix = shm.new_flow_prefix()

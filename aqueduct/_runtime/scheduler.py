@@ -645,9 +645,13 @@ class Scheduler:
             slot = rt.workers.index(w)
             # Back off only for a worker whose death nothing explains yet: it never became ready,
             # or died before answering any batch while not running a group under suspicion.
+            # A death under suspicion is explained (bisection goes on at once) and leaves the count alone.
             unexplained = not w.ready or (w.batches_done == 0 and not w.suspect)
-            rt.crashes[slot] = rt.crashes[slot] + 1 if unexplained else 0
-            delay = 0.0 if not rt.crashes[slot] else min(MAX_RESTART_DELAY_S, 0.5 * 2 ** (rt.crashes[slot] - 1))
+            if unexplained:
+                rt.crashes[slot] += 1
+            elif w.batches_done:
+                rt.crashes[slot] = 0
+            delay = min(MAX_RESTART_DELAY_S, 0.5 * 2 ** (rt.crashes[slot] - 1)) if unexplained else 0.0
             cause = "start" if not w.ready else ("killed" if (w.process.exitcode or 0) < 0 else "exited")
             rt.restart_reasons[cause] = rt.restart_reasons.get(cause, 0) + 1
             log.error("step %r: worker %d %s; restarting it in %.1f s", rt.name, w.pid, reason, delay)
@@ -658,8 +662,9 @@ class Scheduler:
             self.on_all_exited()
 
     def _after_crash(self, rt: _StepRuntime, w: WorkerProcess, batch: list[Entry], reason: str) -> None:
-        """The worker died handling ``batch``: run its halves again as groups of their own, so that a task
-        that kills its worker is found and fails alone; a task alone (or ``bisect=False``) fails."""
+        """The worker died handling ``batch``: run it again as groups of their own (halves; a lone task
+        once more, alone), so that a task that kills its worker is found and fails alone while the others,
+        and a task whose worker was killed from outside, are answered. With ``bisect=False`` it fails."""
         live = []
         for entry in batch:
             entry.in_worker = False
@@ -667,9 +672,9 @@ class Scheduler:
                 self._forget(entry)
             else:
                 live.append(entry)
-        if rt.step.bisect and len(live) > 1:
+        if rt.step.bisect and live and (len(live) > 1 or not w.suspect):
             middle = len(live) // 2
-            for group in (live[middle:], live[:middle]):
+            for group in (live[middle:], live[:middle]) if middle else (live,):
                 rt.suspects.appendleft(group)
             rt.waiting += len(live)
             self.waiting += len(live)

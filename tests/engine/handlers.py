@@ -140,3 +140,15 @@ class DeviceReporter(BaseTaskHandler):
         time.sleep(0.05)  # long enough for the batches to spread over the workers
         for task in tasks:
             task.result = self.seen
+
+
+class SlowStartAfterMarker(Recorder):
+    """Starts at once until the file ``marker`` exists; from then on, its ``on_start`` takes a second."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def on_start(self) -> None:
+        if self.marker.exists():
+            time.sleep(1.0)

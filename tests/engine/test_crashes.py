@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 from aqueduct import Flow, FlowStep
 from aqueduct.exceptions import WorkerDiedError
 
-from .handlers import DiesInStartAfterMarker, DiesOnValue, Recorder, Task
+from .handlers import DiesInStartAfterMarker, DiesOnValue, Recorder, SlowStartAfterMarker, Task
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -121,8 +121,9 @@ async def test_a_worker_that_dies_before_it_is_ready_is_backed_off(
         await flow.stop()
 
 
-async def test_ready_while_one_worker_of_each_step_serves() -> None:
-    flow = Flow(FlowStep(Recorder(), nprocs=2, name="a"), FlowStep(Recorder(), name="b"))
+async def test_ready_while_one_worker_of_each_step_serves(tmp_path: Path) -> None:
+    slow = tmp_path / "slow"
+    flow = Flow(FlowStep(Recorder(), nprocs=2, name="a"), FlowStep(SlowStartAfterMarker(slow), name="b"))
     flow.start()
     try:
         victim = flow.health().steps[0].pids[0]
@@ -131,8 +132,9 @@ async def test_ready_while_one_worker_of_each_step_serves() -> None:
         assert flow.health().ready  # step a has one live worker: the flow still serves
         assert await flow.process(Task(1), timeout_sec=30)
         [b_worker] = flow.health().steps[1].pids
+        slow.touch()  # b's replacement takes a second to start: b has no live worker meanwhile
         os.kill(b_worker, signal.SIGKILL)
-        await wait_for(lambda: flow.health().steps[1].alive == 0 or not flow.health().ready)
+        await wait_for(lambda: not flow.health().ready)
         await wait_for(lambda: flow.health().ready and flow.health().steps[1].restarts == 1)
     finally:
         await flow.stop()
