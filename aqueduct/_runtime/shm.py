@@ -39,16 +39,8 @@ class Segment:
     @classmethod
     def create(cls, prefix: str, data: memoryview) -> Segment:
         """Create a segment named ``<prefix>-<n>`` holding a copy of ``data``."""
-        size = data.nbytes
-        name = f"{prefix}-{next(_counter)}"
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        seg = cls(name, mm, size)
-        np.frombuffer(mm, dtype=np.uint8, count=size)[:] = np.frombuffer(data, dtype=np.uint8)
+        seg = cls.allocate(f"{prefix}-{next(_counter)}", data.nbytes)
+        np.frombuffer(seg.mm, dtype=np.uint8, count=seg.size)[:] = np.frombuffer(data, dtype=np.uint8)
         return seg
 
     @classmethod

@@ -213,7 +213,7 @@ class InferenceEndpoint:
                 raise InferenceError(415, f"Content-Encoding {value.decode(errors='replace')!r} is not supported")
         lease = self.backend.lease(body_length) if body_length and body_length >= LEASE_MIN_BYTES else None
         try:
-            body = await (self._read_into(lease, body_length, receive) if lease else self._read_body(receive))
+            body = await self._read_body(receive, lease)
             request = decode_request(body, header_length, self.max_body)
             check_inputs(request.inputs, self.settings.inputs)
             check_requested_outputs(request, self.settings.outputs)
@@ -252,36 +252,30 @@ class InferenceEndpoint:
             raise InferenceError(400, "parameters.timeout: must be a positive number of microseconds")
         return float(timeout_us) / 1e6
 
-    async def _read_into(self, lease: Lease, length: int | None, receive: Receive) -> memoryview:
-        """Read a body of ``Content-Length`` bytes into shared memory: its tensors travel on from there."""
-        buffer = lease.buffer
+    async def _read_body(self, receive: Receive, lease: Lease | None) -> bytes | memoryview:
+        """The request body: read into ``lease`` (shared memory, where its tensors travel on from) when
+        given, else into ordinary memory."""
+        chunks: list[bytes] = []
         size = 0
+        limit = len(lease.buffer) if lease else self.max_body
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise _ClientGone
             chunk = message.get("body", b"")
             end = size + len(chunk)
-            if end > len(buffer):
-                raise InferenceError(400, f"request body is longer than its Content-Length of {length}")
-            buffer[size:end] = chunk
+            if end > limit:
+                if lease:
+                    raise InferenceError(400, f"request body is longer than its Content-Length of {limit}")
+                raise InferenceError(413, f"request body is over the limit of {self.max_body} bytes")
+            if lease:
+                lease.buffer[size:end] = chunk
+            else:
+                chunks.append(chunk)
             size = end
             if not message.get("more_body", False):
-                return buffer[:size]
-
-    async def _read_body(self, receive: Receive) -> bytes:
-        chunks = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise InferenceError(413, f"request body is over the limit of {self.max_body} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
+                if lease:
+                    return lease.buffer[:size]
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

@@ -110,18 +110,6 @@ class ThreadReporter(BaseTaskHandler):
             task.result = self.seen
 
 
-class DiesInStartAfterMarker(Recorder):
-    """Starts normally until the file ``marker`` exists; from then on, its ``on_start`` kills the process."""
-
-    def __init__(self, marker: Path) -> None:
-        super().__init__()
-        self.marker = marker
-
-    def on_start(self) -> None:
-        if self.marker.exists():
-            os._exit(3)
-
-
 class MakesLargeOutput(BaseTaskHandler):
     """Sets ``result`` to a 1 MiB array filled with the task's ``value`` (an int)."""
 
@@ -142,13 +130,17 @@ class DeviceReporter(BaseTaskHandler):
             task.result = self.seen
 
 
-class SlowStartAfterMarker(Recorder):
-    """Starts at once until the file ``marker`` exists; from then on, its ``on_start`` takes a second."""
+class StartChangesWithMarker(Recorder):
+    """Starts at once until the file ``marker`` exists; from then on, its ``on_start`` kills the process
+    (``die``: a broken model, CUDA out of memory at start) or takes a second."""
 
-    def __init__(self, marker: Path) -> None:
+    def __init__(self, marker: Path, die: bool) -> None:
         super().__init__()
         self.marker = marker
+        self.die = die
 
     def on_start(self) -> None:
         if self.marker.exists():
+            if self.die:
+                os._exit(3)
             time.sleep(1.0)

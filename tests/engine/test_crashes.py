@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 from aqueduct import Flow, FlowStep
 from aqueduct.exceptions import WorkerDiedError
 
-from .handlers import DiesInStartAfterMarker, DiesOnValue, Recorder, SlowStartAfterMarker, Task
+from .handlers import DiesOnValue, Recorder, StartChangesWithMarker, Task
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,7 +105,7 @@ async def test_a_worker_that_dies_before_it_is_ready_is_backed_off(
 ) -> None:
     caplog.set_level(logging.ERROR, logger="aqueduct")
     marker = tmp_path / "broken"
-    flow = Flow(FlowStep(DiesInStartAfterMarker(marker)))
+    flow = Flow(FlowStep(StartChangesWithMarker(marker, die=True)))
     flow.start()
     try:
         [victim] = flow.health().steps[0].pids
@@ -123,7 +123,7 @@ async def test_a_worker_that_dies_before_it_is_ready_is_backed_off(
 
 async def test_ready_while_one_worker_of_each_step_serves(tmp_path: Path) -> None:
     slow = tmp_path / "slow"
-    flow = Flow(FlowStep(Recorder(), nprocs=2, name="a"), FlowStep(SlowStartAfterMarker(slow), name="b"))
+    flow = Flow(FlowStep(Recorder(), nprocs=2, name="a"), FlowStep(StartChangesWithMarker(slow, die=False), name="b"))
     flow.start()
     try:
         victim = flow.health().steps[0].pids[0]
