@@ -16,3 +16,6 @@ echo "== through the pod (batch 64, 2 ms window) and mosec (batch 64, 2 ms wait)
 "$PY" bench/serving/run.py --models resnet --servers "aqueduct-1,aqueduct-$FRONTENDS,${MOSEC:-mosec}" \
   --concurrency "${CONCURRENCY:-1,16,64,256}" --duration "${DURATION:-10}" --warmup 3 \
   --mosec-python "${MOSEC_PYTHON:-$PY}" --json "$OUT/serving.json"
+echo "== the pod with two workers on the GPU (one prepares a batch while the other's runs)"
+AQUEDUCT_STEPS__CLASSIFY__NPROCS=2 "$PY" bench/serving/run.py --models resnet --servers "aqueduct-$FRONTENDS" \
+  --concurrency "${CONCURRENCY:-1,16,64,256}" --duration "${DURATION:-10}" --warmup 3 --json "$OUT/serving-nprocs2.json"
