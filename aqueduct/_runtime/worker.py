@@ -68,7 +68,7 @@ class _Worker:
         self.in_fd = in_fd
         self.out_fd = out_fd
         self.prefix = f"{flow_prefix}-w{os.getpid()}"
-        self.outputs: OutputArena | None = None  # made when the first large output is sent back
+        self.outputs: OutputArena | None = None  # made at the first answer; its pages are taken as written
 
     def send(self, message: Any) -> None:
         pipes.write_blocking(self.out_fd, pipes.pack(message))
