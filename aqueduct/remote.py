@@ -118,14 +118,13 @@ class _Client:
     def __init__(self, gateway: FlowGateway, sock: socket.socket, prefix: str) -> None:
         self.gateway = gateway
         self.prefix = prefix
-        self.worker_prefix = ""
         self.closed = False
         self.entries: dict[int, _RemoteEntry] = {}
         self._outbox: list[Any] = []
         loop = gateway.loop
         fd = sock.detach()
         self._writer = pipes.LoopWriter(loop, os.dup(fd))
-        self._reader = pipes.LoopReader(loop, fd, self._on_message, self._on_eof)
+        self._reader = pipes.LoopReader(loop, fd, self._on_message, self.close)
 
     def _on_message(self, message: Any) -> None:
         kind = message[0]
@@ -145,7 +144,6 @@ class _Client:
                 self._reply(seq, False, exc)
                 continue
             metrics = sched.metrics
-            self.worker_prefix = sched.prefix + "-w"
             queued = sched.check_capacity()
             if queued is not None:
                 if metrics:
@@ -182,9 +180,6 @@ class _Client:
         outbox, self._outbox = self._outbox, []
         if outbox and not self.closed:
             self._send(("results", outbox))
-
-    def _on_eof(self) -> None:
-        self.close()
 
     def close(self) -> None:
         """The client is gone: its tasks are dropped where they are, its shared memory removed."""
