@@ -81,8 +81,9 @@ class PodTemplate:
         pod = deployment["spec"]["template"]["spec"]
         hook = pod["containers"][0].get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
         rolling = deployment["spec"]["strategy"]["rollingUpdate"]
-        return cls(list(hook), int(pod["terminationGracePeriodSeconds"]), rolling["maxSurge"],
-                   rolling["maxUnavailable"])
+        return cls(
+            list(hook), int(pod["terminationGracePeriodSeconds"]), rolling["maxSurge"], rolling["maxUnavailable"]
+        )
 
 
 class Pod:
@@ -99,8 +100,17 @@ class Pod:
     async def start(self) -> None:
         with self.log.open("wb") as out:
             self.proc = await asyncio.create_subprocess_exec(
-                str(SERVE), "--config", str(CONFIG), "--host", "127.0.0.1", "--port", str(self.port),
-                cwd=ROOT, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                str(SERVE),
+                "--config",
+                str(CONFIG),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                cwd=ROOT,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
             )
 
     async def ready(self, session: aiohttp.ClientSession) -> bool:
@@ -125,8 +135,12 @@ class Pod:
         except asyncio.TimeoutError:
             self.kill()
             code = await self.proc.wait()
-        return {"pod": self.name, "pre_stop_s": round(stopped - started, 2),
-                "sigterm_to_exit_s": round(time.monotonic() - stopped, 2), "exit_code": code}
+        return {
+            "pod": self.name,
+            "pre_stop_s": round(stopped - started, 2),
+            "sigterm_to_exit_s": round(time.monotonic() - stopped, 2),
+            "exit_code": code,
+        }
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -178,10 +192,10 @@ class Proxy:
         body = await request.read()
         assert self.session is not None
         try:
-            async with self.session.post(f"{pod.url}{request.path}", data=body,
-                                         headers={"Content-Type": "application/json"}) as reply:
-                return aiohttp.web.Response(status=reply.status, body=await reply.read(),
-                                            headers={"X-Pod": pod.name})
+            async with self.session.post(
+                f"{pod.url}{request.path}", data=body, headers={"Content-Type": "application/json"}
+            ) as reply:
+                return aiohttp.web.Response(status=reply.status, body=await reply.read(), headers={"X-Pod": pod.name})
         except aiohttp.ClientError as e:
             return aiohttp.web.Response(status=502, text=f"{pod.name}: {type(e).__name__}")
 
@@ -298,13 +312,19 @@ async def rollout(args: argparse.Namespace, drain: float | None, logs: Path) -> 
 
 def report(name: str, result: dict[str, Any]) -> None:
     print(f"== {name}: preStop {result['pre_stop']}")
-    print(f"   {result['pods_replaced']} pods replaced in {result['rollout_s']} s; {result['requests']} requests "
-          f"({result['requests_per_s']}/s), failed {result['failed']} {result['statuses']}")
-    print(f"   latency p50 {result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms, "
-          f"max {result['latency_max_ms']} ms")
+    print(
+        f"   {result['pods_replaced']} pods replaced in {result['rollout_s']} s; {result['requests']} requests "
+        f"({result['requests_per_s']}/s), failed {result['failed']} {result['statuses']}"
+    )
+    print(
+        f"   latency p50 {result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms, "
+        f"max {result['latency_max_ms']} ms"
+    )
     for t in result["terminations"]:
-        print(f"   {t['pod']}: preStop {t['pre_stop_s']} s, SIGTERM to exit {t['sigterm_to_exit_s']} s, "
-              f"exit code {t['exit_code']}")
+        print(
+            f"   {t['pod']}: preStop {t['pre_stop_s']} s, SIGTERM to exit {t['sigterm_to_exit_s']} s, "
+            f"exit code {t['exit_code']}"
+        )
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:

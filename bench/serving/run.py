@@ -24,8 +24,8 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -36,8 +36,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from bench.processes import free_port, group_processes  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 LUA = """
 local f = io.open(os.getenv("BODY"), "rb"); wrk.body = f:read("*a"); f:close()
 wrk.method = "POST"
@@ -115,18 +117,8 @@ def command(server: str, model: str, port: int, mosec_python: str) -> tuple[list
 
 
 def group_cpu_seconds(pgid: int) -> float:
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+    """CPU seconds used so far by every process of group ``pgid``."""
+    return sum(cpu for _, cpu in group_processes(pgid).values())
 
 
 def post(port: int, request: Request) -> int:
@@ -170,9 +162,7 @@ def bench(server: str, model: str, concurrencies: list[int], args: argparse.Name
     Path(body_file).write_bytes(request.body)
     lua = os.path.join(tmp, "body.lua")
     Path(lua).write_text(LUA)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     argv, env = command(server, model, port, args.mosec_python)
     proc = subprocess.Popen(
         argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

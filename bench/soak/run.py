@@ -18,7 +18,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,9 @@ import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from bench.processes import free_port, group_processes  # noqa: E402
+
 RAISE, CRASH = -1, -2
 
 
@@ -74,24 +76,9 @@ class Outcome:
         return "\n".join(lines)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                pids.append(int(entry))
-    return pids
+    """Live (not zombie) processes of process group ``pgid``."""
+    return [pid for pid, (state, _) in group_processes(pgid).items() if state not in ("Z", "X")]
 
 
 def config(args: argparse.Namespace) -> dict[str, object]:
