@@ -6,10 +6,14 @@ Workers send their batch timings back with the results; the parent records every
 
 from __future__ import annotations
 
+import math
+import threading
+from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 OUTCOMES = ("ok", "error", "expired", "rejected", "lost", "cancelled")
@@ -66,6 +70,53 @@ class _StepGauges(Collector):
         return [depth, alive, expected]
 
 
+class LatencyHistogram(Collector):
+    """A histogram for one observation per task: ``observe`` only appends to a queue (no lock, no
+    bucket search), and observations are counted into buckets in bulk, at a scrape or every
+    ``FOLD_EVERY`` of them. A ``prometheus_client.Histogram`` costs as much as a third of the
+    parent's other work for a small task."""
+
+    FOLD_EVERY = 1024
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = [float(b) for b in buckets]
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one: above every bound
+        self._sum = 0.0
+        self._pending: deque[float] = deque()
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, seconds: float) -> None:
+        """Record one observation."""
+        pending = self._pending
+        pending.append(seconds)
+        if len(pending) >= self.FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        with self._lock:
+            pending, bounds, counts = self._pending, self._bounds, self._counts
+            for _ in range(len(pending)):
+                value = pending.popleft()  # appends may go on meanwhile, from another thread
+                counts[bisect_left(bounds, value)] += 1
+                self._sum += value
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        self._fold()
+        with self._lock:
+            cumulative, total = [], 0
+            for bound, count in zip([*self._bounds, math.inf], self._counts, strict=True):
+                total += count
+                cumulative.append((str(bound) if bound != math.inf else "+Inf", total))
+            family = HistogramMetricFamily(self._name, self._documentation, buckets=cumulative, sum_value=self._sum)
+        return [family]
+
+
 class FlowMetrics:
     """All metrics of one flow."""
 
@@ -102,11 +153,11 @@ class FlowMetrics:
             ["step"],
             registry=registry,
         )
-        self.latency = Histogram(
+        self.latency = LatencyHistogram(
             "aqueduct_task_latency_seconds",
             "process() time of tasks that completed, end to end",
-            buckets=_TIME_BUCKETS,
-            registry=registry,
+            _TIME_BUCKETS,
+            registry,
         )
         self.steps = [
             StepMetrics(tasks, batch_size, handle_seconds, restarts, rerun, isolated, name) for name in step_names

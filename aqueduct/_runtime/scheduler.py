@@ -3,9 +3,10 @@
 Tasks arrive as entries: from ``Flow.process`` in this process (a future to resolve) or from another
 process through ``aqueduct.remote`` (a client to answer). Either way an entry waits in its step's
 per-priority queue until a worker is free, travels to it as part of a batch and comes back as an
-outcome. Between steps a task stays in the encoded form the worker sent back (bytes and shared
-memory references): the parent decodes it only where a ``handle_condition`` must look at it, or
-where a local caller waits for it, so the parent's work per task is a few queue operations.
+outcome. A batch of small local tasks travels as one pickle each way (``codec.encode_batch``), which
+costs a third of one pickle per task. Other tasks travel one pickle each, and between steps they stay
+in the encoded form the worker sent back (bytes and shared memory references): the parent decodes
+one only where a ``handle_condition`` must look at it, or where a local caller waits for it.
 
 Because the parent knows which batches each worker holds, a failing task fails alone, a dead
 worker's batches are failed or queued again at once and the worker is replaced, expired tasks
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import operator
 import signal
 import time
@@ -152,14 +154,17 @@ class Deadlines:
     """Fails local tasks with ``TaskTimeoutError`` when their deadline passes, with one timer for them all.
 
     Tasks mostly arrive with the same timeout, so their deadlines come in order: they wait in a
-    queue and one timer is armed for the earliest. A task whose deadline is earlier than the last
-    one queued gets a timer of its own. Tasks that finished leave the queue's head as they finish.
+    queue, and one timer is armed for the earliest. A task whose deadline is earlier than the last
+    one queued gets a timer of its own. Tasks that finished leave the queue's head as they finish,
+    and the timer stays as it is: cancelling and arming one per task would cost more than the task.
+    It may then fire for a task that is done; it sleeps again until the next deadline.
     """
 
     def __init__(self) -> None:
         self.queue: deque[LocalEntry] = deque()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._due = math.inf
 
     def add(self, entry: LocalEntry) -> None:
         """Watch ``entry``'s deadline."""
@@ -169,8 +174,8 @@ class Deadlines:
             entry.timer = self.loop.call_later(max(0.0, entry.expires_at - time.monotonic()), _expire, entry)
             return
         queue.append(entry)
-        if len(queue) == 1:
-            self._arm()
+        if entry.expires_at < self._due:
+            self._arm(entry.expires_at)
 
     def done(self, entry: LocalEntry) -> None:
         """``entry`` has its answer."""
@@ -180,30 +185,30 @@ class Deadlines:
         if queue and queue[0] is entry:
             while queue and queue[0].future.done():
                 queue.popleft()
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if queue:
-                self._arm()
 
-    def _arm(self) -> None:
+    def _arm(self, due: float) -> None:
         assert self.loop is not None
-        self._timer = self.loop.call_later(max(0.0, self.queue[0].expires_at - time.monotonic()), self._fire)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._due = due
+        self._timer = self.loop.call_later(max(0.0, due - time.monotonic()), self._fire)
 
     def _fire(self) -> None:
         self._timer = None
+        self._due = math.inf
         queue = self.queue
         now = time.monotonic()
         while queue and (queue[0].future.done() or queue[0].expires_at <= now):
             _expire(queue.popleft())
         if queue:
-            self._arm()
+            self._arm(queue[0].expires_at)
 
     def clear(self) -> None:
         """Stop watching (the flow stopped)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._due = math.inf
         for entry in self.queue:
             if entry.timer is not None:
                 entry.timer.cancel()
@@ -532,24 +537,13 @@ class Scheduler:
         if suspect:
             w.suspect = True
         for batch in batches:
-            sent: list[Entry] = []
-            encoded: list[codec.Encoded] = []
-            for entry in batch:
-                if entry.encoded is None:
-                    assert entry.current is not None
-                    try:
-                        entry.encoded = codec.encode(entry.current, entry.segments, self.prefix + "-p")
-                    except Exception as exc:  # noqa: BLE001 - an unpicklable task fails alone
-                        entry.fail(TaskError(rt.name, *describe_exception(exc)))
-                        self._forget(entry)
-                        continue
-                encoded.append(entry.encoded)
-                entry.in_worker = True
-                sent.append(entry)
+            sent, tasks = self._encode(rt, batch)
             if sent:
+                for entry in sent:
+                    entry.in_worker = True
                 batch_id = next(self._batch_ids)
                 w.inflight[batch_id] = sent
-                payload.append((batch_id, encoded))
+                payload.append((batch_id, tasks))
         if payload:
             assert w.writer is not None
             w.writer.write(pipes.pack(("run", payload)))
@@ -560,11 +554,36 @@ class Scheduler:
                 assert w.reader is not None
                 w.reader.drain()
 
+    def _encode(self, rt: _StepRuntime, batch: list[Entry]) -> tuple[list[Entry], bytes | list[codec.Encoded]]:
+        """The batch's tasks as a worker takes them, and the entries sent: one pickle for them all where
+        each is a decoded task with nothing in shared memory (a local caller's, the common case), else
+        one pickle each; a task that cannot be pickled fails alone."""
+        if all(entry.encoded is None and not entry.segments for entry in batch):
+            bundle = codec.encode_batch([entry.current for entry in batch])
+            if bundle is not None:
+                return batch, bundle
+        sent: list[Entry] = []
+        encoded: list[codec.Encoded] = []
+        for entry in batch:
+            if entry.encoded is None:
+                assert entry.current is not None
+                try:
+                    entry.encoded = codec.encode(entry.current, entry.segments, self.prefix + "-p")
+                except Exception as exc:  # noqa: BLE001 - an unpicklable task fails alone
+                    entry.fail(TaskError(rt.name, *describe_exception(exc)))
+                    self._forget(entry)
+                    continue
+            encoded.append(entry.encoded)
+            sent.append(entry)
+        return sent, encoded
+
     # ------------------------------------------------------------------ worker events
     def _on_message(self, rt: _StepRuntime, w: WorkerProcess, message: Any) -> None:
         kind = message[0]
         if kind == "done":
-            self._on_done(rt, w, message[1], message[2], message[3])
+            self._on_done(rt, w, message[1], message[2], message[3], message[4])
+        elif kind == "resend":
+            self._on_resend(rt, w, message[1])
         elif kind == "ready":
             w.ready = True
             log.info("step %r: worker %d is ready", rt.name, w.pid)
@@ -572,7 +591,15 @@ class Scheduler:
         elif kind == "start_failed":
             log.error("step %r: worker %d on_start raised %s: %s\n%s", rt.name, w.pid, *message[1:])
 
-    def _on_done(self, rt: _StepRuntime, w: WorkerProcess, batch_id: int, outcomes: list[Any], seconds: float) -> None:
+    def _on_done(
+        self,
+        rt: _StepRuntime,
+        w: WorkerProcess,
+        batch_id: int,
+        outcomes: list[Any],
+        seconds: float,
+        bundle: bytes | None,
+    ) -> None:
         batch = w.inflight.pop(batch_id, None)
         if batch is None:
             return
@@ -582,11 +609,22 @@ class Scheduler:
         handled = ok = 0
         metrics = rt.metrics
         worker_prefix = self._worker_prefix
+        bundled: Iterator[BaseTask] | None = None
+        if bundle is not None:
+            try:
+                bundled = iter(codec.decode_batch(bundle))
+            except Exception as exc:  # noqa: BLE001 - the batch's answers fail, the flow goes on
+                info = describe_exception(exc)
+                outcomes = [(ERROR, info) if status == OK else (status, payload) for status, payload in outcomes]
         for entry, (status, payload) in zip(batch, outcomes, strict=True):
             entry.in_worker = False
             if status != EXPIRED:
                 handled += 1
-            if status == OK:
+            answer: BaseTask | None = None
+            if status == OK and payload is None:
+                assert bundled is not None
+                answer = next(bundled)  # in order, whether or not its caller still waits
+            elif status == OK:
                 refs = payload[1]
                 if refs:
                     blocks = codec.output_blocks(refs)
@@ -599,8 +637,8 @@ class Scheduler:
                 self._forget(entry)
                 continue
             if status == OK:
+                entry.current = answer
                 entry.encoded = payload
-                entry.current = None
                 ok += 1
                 self.route(entry, rt.index + 1)
             elif status == ERROR:
@@ -623,6 +661,33 @@ class Scheduler:
                 rt.adaptive.handled(handled, seconds)
         self._schedule(rt)
 
+    def _on_resend(self, rt: _StepRuntime, w: WorkerProcess, batch_id: int) -> None:
+        """The worker could not decode a batch sent as one pickle: queue its tasks again, each pickled
+        on its own, so that the task at fault fails alone and the others run."""
+        batch = w.inflight.pop(batch_id, None)
+        if batch is None:
+            return
+        for entry in reversed(batch):
+            entry.in_worker = False
+            if entry.done:
+                self._forget(entry)
+                continue
+            assert entry.current is not None
+            try:
+                entry.encoded = codec.encode(entry.current, entry.segments, self.prefix + "-p")
+            except Exception as exc:  # noqa: BLE001 - it did pickle once; if not now, it fails alone
+                entry.fail(TaskError(rt.name, *describe_exception(exc)))
+                self._forget(entry)
+                continue
+            self._requeue(rt, entry)
+        self._schedule(rt)
+
+    def _requeue(self, rt: _StepRuntime, entry: Entry) -> None:
+        """Put a task back at the head of its step's queue."""
+        rt.queues[entry.priority].appendleft(entry)
+        rt.waiting += 1
+        self.waiting += 1
+
     def _on_exit(self, rt: _StepRuntime, w: WorkerProcess) -> None:
         """A worker process ended: bisect (or fail) the batch it was handling, queue again the batches
         it had not started, clean up, and replace it if the flow runs."""
@@ -635,9 +700,7 @@ class Scheduler:
             if entry.done:
                 self._forget(entry)
             else:
-                rt.queues[entry.priority].appendleft(entry)
-                rt.waiting += 1
-                self.waiting += 1
+                self._requeue(rt, entry)
         if batches:
             self._after_crash(rt, w, batches[0], reason)
         shm.sweep(f"{self.prefix}-w{w.pid}-")

@@ -1,9 +1,14 @@
 """The worker process: ``on_start``, then take batches from the parent, handle them, reply.
 
-Messages from the parent: ``("run", [(batch_id, [encoded task, ...]), ...])``; end-of-file on the
-pipe means stop. Messages to the parent: ``("ready",)`` or ``("start_failed", type, message,
-traceback)`` once, then ``("done", batch_id, outcomes, handle_seconds)`` per batch, where each
-outcome is ``(OK, encoded task)``, ``(ERROR, (type, message, traceback))`` or ``(EXPIRED, None)``.
+Messages from the parent: ``("run", [(batch_id, tasks), ...])``, where ``tasks`` is a list of
+encoded tasks or, for a batch of small tasks, one pickle of them all (``codec.encode_batch``);
+end-of-file on the pipe means stop. Messages to the parent: ``("ready",)`` or ``("start_failed",
+type, message, traceback)`` once, then per batch ``("done", batch_id, outcomes, handle_seconds,
+bundle)``, where each outcome is ``(OK, encoded task)``, ``(ERROR, (type, message, traceback))`` or
+``(EXPIRED, None)``. A batch that came as one pickle is answered with one too where it can be:
+``bundle`` then pickles the tasks whose outcome is ``(OK, None)``, in order; else it is None. A batch
+pickle that cannot be decoded is answered ``("resend", batch_id)``: the parent sends its tasks again,
+one pickle each, so that the one at fault fails alone.
 """
 
 from __future__ import annotations
@@ -85,33 +90,45 @@ class _Worker:
             message = pipes.read_blocking(self.in_fd)
             if message is None:  # the parent closed the pipe: stop
                 return
-            for batch_id, encoded in message[1]:
-                self.run_batch(batch_id, encoded)
+            for batch_id, tasks in message[1]:
+                self.run_batch(batch_id, tasks)
 
-    def run_batch(self, batch_id: int, encoded: list[codec.Encoded]) -> None:
+    def run_batch(self, batch_id: int, tasks: list[codec.Encoded] | bytes) -> None:
         segments: dict[str, shm.Segment] = {}
-        outcomes: list[tuple[int, Any]] = [(EXPIRED, None)] * len(encoded)
-        live: list[tuple[int, BaseTask]] = []
-        for i, (data, refs) in enumerate(encoded):
+        bundled = isinstance(tasks, bytes)
+        if isinstance(tasks, bytes):
             try:
-                task = codec.decode(data, refs, segments)
-            except Exception as exc:  # noqa: BLE001 - one undecodable task fails alone
-                outcomes[i] = (ERROR, describe_exception(exc))
-                continue
-            if not task.is_expired():
-                live.append((i, task))
+                decoded = codec.decode_batch(tasks)
+            except Exception:  # noqa: BLE001 - the parent sends them one by one: the one at fault fails alone
+                self.send(("resend", batch_id))
+                return
+            outcomes: list[tuple[int, Any]] = [(EXPIRED, None)] * len(decoded)
+            live = [(i, task) for i, task in enumerate(decoded) if not task.is_expired()]
+        else:
+            outcomes = [(EXPIRED, None)] * len(tasks)
+            live = []
+            for i, (data, refs) in enumerate(tasks):
+                try:
+                    task = codec.decode(data, refs, segments)
+                except Exception as exc:  # noqa: BLE001 - one undecodable task fails alone
+                    outcomes[i] = (ERROR, describe_exception(exc))
+                    continue
+                if not task.is_expired():
+                    live.append((i, task))
         started = time.perf_counter()
         if live:
             self.handle(live, outcomes)
         elapsed = time.perf_counter() - started
-        expires_at = max((task.expiration_time or math.inf for _, task in live), default=math.inf)
-        for i, task in live:
-            if outcomes[i][0] == OK:
+        done = [(i, task) for i, task in live if outcomes[i][0] == OK]
+        bundle = codec.encode_batch([task for _, task in done]) if bundled and done else None
+        if bundle is None:
+            expires_at = max((task.expiration_time or math.inf for _, task in live), default=math.inf)
+            for i, task in done:
                 try:
                     outcomes[i] = (OK, codec.encode(task, segments, self.prefix, self.output_arena(), expires_at))
                 except Exception as exc:  # noqa: BLE001 - e.g. the handler set an unpicklable field
                     outcomes[i] = (ERROR, describe_exception(exc))
-        self.send(("done", batch_id, outcomes, elapsed))
+        self.send(("done", batch_id, outcomes, elapsed, bundle))
 
     def output_arena(self) -> OutputArena | None:
         """This worker's arena for large outputs (None where /dev/shm has no room for one)."""

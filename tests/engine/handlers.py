@@ -144,3 +144,29 @@ class StartChangesWithMarker(Recorder):
             if self.die:
                 os._exit(3)
             time.sleep(1.0)
+
+
+class BornHere:
+    """Unpickles only in the process that made it: stands for a value another process cannot rebuild."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = os.getpid() if pid is None else pid
+
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        return _rebuild_born_here, (self.pid,)
+
+
+def _rebuild_born_here(pid: int) -> BornHere:
+    if os.getpid() != pid:
+        raise ValueError(f"made in process {pid}, cannot be rebuilt in {os.getpid()}")
+    return BornHere(pid)
+
+
+class SetsBornHere(Recorder):
+    """Sets, on tasks whose value is 'stuck', a field the parent cannot unpickle."""
+
+    def handle(self, *tasks: Task) -> None:
+        super().handle(*tasks)
+        for task in tasks:
+            if task.value == "stuck":
+                task.result = BornHere()

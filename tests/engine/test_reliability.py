@@ -28,7 +28,7 @@ from aqueduct.exceptions import (
 )
 
 from .conftest import children_alive
-from .handlers import DiesOnValue, Poisoned, Recorder, Task
+from .handlers import BornHere, DiesOnValue, Poisoned, Recorder, SetsBornHere, Task
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,6 +57,41 @@ async def test_a_failing_task_fails_alone_and_the_flow_goes_on() -> None:
         assert await flow.process(later, timeout_sec=30)
         assert later.result == "after"
         assert flow.health().steps[0].restarts == 0
+    finally:
+        await flow.stop()
+
+
+async def test_a_task_its_worker_cannot_unpickle_fails_alone() -> None:
+    # A batch of small tasks travels as one pickle: one that cannot be read spoils it, so the batch
+    # is sent again one pickle per task, and only that task fails.
+    flow = Flow(FlowStep(Recorder(), batch_size=8, batch_timeout=0.2))
+    flow.start()
+    try:
+        tasks = [Task(i) for i in range(7)] + [Task(BornHere())]
+        results = await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks), return_exceptions=True)
+        assert results[:7] == [True] * 7
+        assert [t.result for t in tasks[:7]] == list(range(7))
+        assert max(t.batch for t in tasks[:7]) > 1
+        error = results[7]
+        assert isinstance(error, TaskError) and error.exc_type == "ValueError"
+        assert "cannot be rebuilt" in error.exc_message
+        later = Task("after")
+        assert await flow.process(later, timeout_sec=30) and later.result == "after"
+    finally:
+        await flow.stop()
+
+
+async def test_answers_this_process_cannot_unpickle_fail_as_task_errors_and_the_flow_goes_on() -> None:
+    flow = Flow(FlowStep(SetsBornHere(), batch_size=4, batch_timeout=0.2))
+    flow.start()
+    try:
+        tasks = [Task(1), Task("stuck"), Task(3)]
+        results = await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks), return_exceptions=True)
+        assert isinstance(results[1], TaskError) and "cannot be rebuilt" in results[1].exc_message
+        for result, task in zip(results, tasks, strict=True):  # those answered with it fail too, or succeed
+            assert result is True and task.result == task.value or isinstance(result, TaskError)
+        later = Task("after")
+        assert await flow.process(later, timeout_sec=30) and later.result == "after"
     finally:
         await flow.stop()
 
