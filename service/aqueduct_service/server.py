@@ -10,6 +10,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from .health import ServingState
+from .http_protocol import CombinedWritesProtocol
 from .settings import Settings
 
 
@@ -21,7 +22,7 @@ def uvicorn_config(app: Starlette, settings: Settings, host: str, port: int) -> 
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=CombinedWritesProtocol,
         lifespan="on",
         access_log=False,
         proxy_headers=False,  # client addresses are only for access logs, which are off

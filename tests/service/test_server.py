@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from typing import Any
 
 import httpx
@@ -243,3 +244,59 @@ async def test_in_flight_gauge_counts_requests_being_answered(echo_server: Serve
         replies = await asyncio.gather(*pending)
     assert [r.status_code for r in replies] == [200] * 3
     assert metric(echo_server, "aqueduct_http_requests_in_flight") == 0
+
+
+def _read_response(sock: socket.socket, buffer: bytearray) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """One HTTP/1.1 response with a Content-Length from ``sock`` (``buffer`` holds what was read beyond it)."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed mid-head: {bytes(buffer)!r}"
+        buffer += chunk
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines)}
+    length = int(headers[b"content-length"])
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-body"
+        rest += chunk
+    buffer[:] = rest[length:]
+    return status, headers, rest[:length]
+
+
+def test_responses_are_framed_on_a_raw_connection(echo_server: Server) -> None:
+    # Pipelined requests on one connection, a body larger than one write, and a Connection: close.
+    large = list(range(20_000))  # about 110 KB of JSON each way
+    small = orjson.dumps(infer_body([7]))
+    big = orjson.dumps(infer_body(large))
+    host = f"127.0.0.1:{echo_server.port}".encode()
+
+    def post(body: bytes, close: bool = False) -> bytes:
+        extra = b"Connection: close\r\n" if close else b""
+        return (
+            b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: " + host + b"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body
+        )
+
+    with socket.create_connection(("127.0.0.1", echo_server.port), timeout=30) as sock:
+        sock.sendall(post(small) + b"GET /v2/health/live HTTP/1.1\r\nHost: " + host + b"\r\n\r\n" + post(big))
+        buffer = bytearray()
+        answers = [_read_response(sock, buffer) for _ in range(3)]
+        assert [status for status, _, _ in answers] == [b"HTTP/1.1 200 OK"] * 3
+        assert orjson.loads(answers[0][2])["outputs"][0]["data"] == [7]
+        assert orjson.loads(answers[1][2]) == {"live": True}
+        assert orjson.loads(answers[2][2])["outputs"][0]["data"] == large
+        sock.sendall(post(small, close=True))
+        status, headers, body = _read_response(sock, buffer)
+        assert status == b"HTTP/1.1 200 OK" and headers[b"connection"] == b"close"
+        assert orjson.loads(body)["outputs"][0]["data"] == [7]
+        assert sock.recv(1) == b"" and not buffer  # then the server closes, with nothing after the answer
+
+
+def test_a_malformed_request_is_answered_400_before_the_connection_closes(echo_server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", echo_server.port), timeout=30) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 400 "), received
