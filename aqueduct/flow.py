@@ -246,9 +246,9 @@ class Flow:
             if self._metrics:
                 self._metrics.flow_outcome["rejected"].inc()
             raise QueueFullError(f"{queued} tasks are waiting, the flow's queue_size is {self._queue_size}")
-        task.priority = max(0, min(task.priority, self._queue_priorities - 1))
+        if task.priority:
+            task.priority = max(0, min(task.priority, self._queue_priorities - 1))
         task.set_timeout(timeout_sec)
-        started = loop.time()
         entry = LocalEntry(task, loop.create_future())
         sched.deadlines.add(entry)
         sched.submit(entry)
@@ -264,7 +264,7 @@ class Flow:
             task.update(finished)
         if self._metrics:
             self._metrics.flow_outcome["ok"].inc()
-            self._metrics.latency.observe(loop.time() - started)
+            self._metrics.latency.observe(time.monotonic() - entry.arrived_at)
         return True
 
     async def stop(self, graceful: bool = True, timeout: float | None = None) -> None:

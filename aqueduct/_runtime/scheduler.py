@@ -342,7 +342,7 @@ class Scheduler:
         """Take a task in: queue it at its first step."""
         entry.arrived_at = time.monotonic()
         self.inflight.add(entry)
-        self.route(entry, 0)
+        self.route(entry, 0, entry.arrived_at)
         if entry.done:
             self._forget(entry)
 
@@ -355,9 +355,12 @@ class Scheduler:
             self.on_idle()
         entry.release()
 
-    def route(self, entry: Entry, start: int) -> None:
-        """Queue the task at the first step from ``start`` whose condition holds, or finish it."""
-        for rt in self.steps[start:]:
+    def route(self, entry: Entry, start: int, now: float | None = None) -> None:
+        """Queue the task at the first step from ``start`` whose condition holds, or finish it
+        (``now``: ``time.monotonic()``, where the caller has it)."""
+        steps = self.steps
+        for index in range(start, len(steps)):
+            rt = steps[index]
             if not rt.always:
                 try:
                     if entry.current is None:
@@ -369,7 +372,7 @@ class Scheduler:
                     return
                 if not wanted:
                     continue
-            entry.enqueued_at = time.monotonic()
+            entry.enqueued_at = now if now is not None else time.monotonic()
             if rt.adaptive is not None:
                 rt.adaptive.arrived(entry.enqueued_at)
             rt.queues[entry.priority].append(entry)
@@ -377,7 +380,7 @@ class Scheduler:
             self.waiting += 1
             self._schedule(rt)
             return
-        entry.finish(self.steps[-1].name if self.steps else "")
+        entry.finish(steps[-1].name if steps else "")
 
     # ------------------------------------------------------------------ dispatch
     def _schedule(self, rt: _StepRuntime) -> None:
