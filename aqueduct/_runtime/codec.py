@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .arena import OUTPUT_ARENA_SUFFIX, OutputArena, free_output
-from .shm import Segment, open_cached
+from .shm import ARENA_SUFFIX, Segment, open_cached
 
 SHM_THRESHOLD = 64 * 1024
 
@@ -74,9 +74,10 @@ def encode(
         refs.append((seg.name, seg.size, 0, nbytes))
         return False
 
-    if segments:
-        return pickle.dumps(obj, protocol=5, buffer_callback=out_of_band), refs
-    return _plain.encode(obj, out_of_band), refs
+    if all(name.endswith(ARENA_SUFFIX) for name in segments):
+        return _plain.encode(obj, out_of_band), refs
+    # A small array may lie in a task's share_value segment: only the general path sends it by reference.
+    return pickle.dumps(obj, protocol=5, buffer_callback=out_of_band), refs
 
 
 class _NotInBand(Exception):
@@ -113,8 +114,8 @@ def decode_batch(data: bytes) -> list[Any]:
 
 
 class _PlainEncoder(threading.local):
-    """One reusable pickler per thread for tasks that reference no shared segment (the common case):
-    building a ``Pickler`` and its stream costs more than pickling a small task."""
+    """One reusable pickler per thread for tasks that reference no shared segment other than arenas
+    (the common case): building a ``Pickler`` and its stream costs more than pickling a small task."""
 
     def __init__(self) -> None:
         self.stream = io.BytesIO()
@@ -148,8 +149,9 @@ class _PlainEncoder(threading.local):
 class _SmallArrayPickler(pickle.Pickler):
     """Pickles small plain numpy arrays as (bytes, dtype, shape): half the cost of numpy's own reduce.
 
-    Used only when no shared segment is known, so an array that lives in shared memory (and must
-    travel by reference) never takes this path; large arrays fall through to the out-of-band path.
+    Used only where the known segments are arenas (a request's body, a worker's outputs), whose small
+    arrays may travel as copies; an array in a task's ``share_value`` segment travels by reference
+    whatever its size, so it never takes this path. Large arrays fall through to the out-of-band path.
     """
 
     def reducer_override(self, obj: Any) -> Any:

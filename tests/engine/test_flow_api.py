@@ -186,16 +186,18 @@ async def test_share_value_round_trips_numpy_and_bytes_exactly(nbytes: int) -> N
 
 
 @pytest.mark.usefixtures("no_shm_leaks")
-async def test_shared_array_changed_in_place_by_the_handler_is_seen_by_the_caller() -> None:
+@pytest.mark.parametrize("size", [16, 100_000])  # small arrays travel by reference too when shared
+async def test_shared_array_changed_in_place_by_the_handler_is_seen_by_the_caller(size: int) -> None:
     flow = Flow(FlowStep(InPlace()))
     flow.start()
     try:
-        task = Task(np.zeros(100_000))
+        task = Task(np.zeros(size))
         task.share_value("value")
+        shared = task.value  # the array over shared memory, as the caller holds it
         await flow.process(task)
     finally:
         await flow.stop()
-    assert np.all(task.value == 1)
+    assert np.all(shared == 1) and np.all(task.value == 1)
 
 
 @pytest.mark.usefixtures("no_shm_leaks")
