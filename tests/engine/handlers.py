@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -170,3 +171,13 @@ class SetsBornHere(Recorder):
         for task in tasks:
             if task.value == "stuck":
                 task.result = BornHere()
+
+
+class SetsUnpicklable(Recorder):
+    """Sets, on tasks whose value is 'lock', a field that cannot be pickled (a lock)."""
+
+    def handle(self, *tasks: Task) -> None:
+        super().handle(*tasks)
+        for task in tasks:
+            if task.value == "lock":
+                task.result = threading.Lock()

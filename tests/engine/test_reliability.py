@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from aqueduct.exceptions import (
 )
 
 from .conftest import children_alive
-from .handlers import BornHere, DiesOnValue, Poisoned, Recorder, SetsBornHere, Task
+from .handlers import BornHere, DiesOnValue, Poisoned, Recorder, SetsBornHere, SetsUnpicklable, Task
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,6 +78,24 @@ async def test_a_task_its_worker_cannot_unpickle_fails_alone() -> None:
         assert "cannot be rebuilt" in error.exc_message
         later = Task("after")
         assert await flow.process(later, timeout_sec=30) and later.result == "after"
+    finally:
+        await flow.stop()
+
+
+@pytest.mark.parametrize("where", ["caller", "handler"])
+async def test_a_task_that_cannot_be_pickled_fails_alone(where: str) -> None:
+    # By the caller: a field holding a lock; by the handler: it sets one. Either way the batch's one
+    # pickle fails, the tasks are pickled one by one, and only that task fails.
+    flow = Flow(FlowStep(SetsUnpicklable(), batch_size=8, batch_timeout=0.2))
+    flow.start()
+    try:
+        bad = Task(threading.Lock()) if where == "caller" else Task("lock")
+        tasks = [Task(i) for i in range(7)] + [bad]
+        results = await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks), return_exceptions=True)
+        assert results[:7] == [True] * 7
+        assert [t.result for t in tasks[:7]] == list(range(7))
+        assert isinstance(results[7], TaskError) and results[7].exc_type == "TypeError"
+        assert "lock" in results[7].exc_message
     finally:
         await flow.stop()
 
