@@ -20,6 +20,7 @@ from typing import Any, Literal
 from prometheus_client import CollectorRegistry
 
 from ._runtime import shm
+from ._runtime.arena import Arena, Lease
 from ._runtime.devices import check_cuda_not_initialised
 from ._runtime.scheduler import LocalEntry, Scheduler, spawner
 from ._runtime.supervisor import WorkerProcess, kill_all
@@ -104,6 +105,8 @@ class Flow:
             limited to its share (``worker_cpus`` divided by the number of workers, at least 1),
             except where the user set ``OMP_NUM_THREADS`` and the like. Default: the CPUs this
             process may use (its affinity, capped by a cgroup CPU quota such as a pod's limit).
+        arena_bytes: size of a shared-memory arena for ``lease()`` (0, the default: none), made
+            when the flow starts and removed when it stops.
 
     Example:
         flow = Flow(FlowStep(CatDetectorHandler(), batch_size=20))
@@ -123,6 +126,7 @@ class Flow:
         mp_start_method: Literal["fork", "spawn", "forkserver"] = "fork",
         registry: CollectorRegistry | None = None,
         worker_cpus: float | None = None,
+        arena_bytes: int = 0,
     ) -> None:
         self._steps = [s if isinstance(s, FlowStep) else FlowStep(s) for s in steps]
         self._names = [s.name or s.handler.get_step_name(i) for i, s in enumerate(self._steps, 1)]
@@ -141,7 +145,11 @@ class Flow:
             )
         if worker_cpus is not None and (not isinstance(worker_cpus, (int, float)) or worker_cpus <= 0):
             raise ValueError(f"worker_cpus must be None or a number > 0, got {worker_cpus!r}")
+        if isinstance(arena_bytes, bool) or not isinstance(arena_bytes, int) or arena_bytes < 0:
+            raise ValueError(f"arena_bytes must be an integer >= 0, got {arena_bytes!r}")
         self._worker_cpus = worker_cpus
+        self._arena_bytes = arena_bytes
+        self._arena: Arena | None = None
         self._ctx = mp.get_context(mp_start_method)
         self._queue_priorities = queue_priorities
         self._queue_size = queue_size if queue_size is not None else DEFAULT_QUEUE_SIZE
@@ -250,6 +258,8 @@ class Flow:
             task.priority = max(0, min(task.priority, self._queue_priorities - 1))
         task.set_timeout(timeout_sec)
         entry = LocalEntry(task, loop.create_future())
+        if self._arena is not None:  # the task's arrays may lie in leases of it: they travel by reference
+            entry.segments[self._arena.name] = self._arena.segment
         sched.deadlines.add(entry)
         sched.submit(entry)
         try:
@@ -308,6 +318,17 @@ class Flow:
                 pass
         self._finish_stop()
 
+    def lease(self, nbytes: int) -> Lease | None:
+        """A block of the flow's arena (``arena_bytes``) to put a task's data in, or None (no arena, the
+        flow is not running, or no room now).
+
+        Numpy arrays over ``lease.buffer`` reach the workers by reference, without a copy; call
+        ``lease.free()`` once the task's answer has been used (arrays over it must not be used after).
+        """
+        if self._arena is None or self._state is not FlowState.RUNNING:
+            return None
+        return self._arena.lease(nbytes)
+
     def health(self) -> FlowHealth:
         """The flow's state and, per step, expected/alive workers, restarts, pids and queue depth."""
         steps = tuple(
@@ -344,6 +365,8 @@ class Flow:
         self._state = FlowState.STARTING
         self._prefix = shm.new_flow_prefix()
         self._idle = self._exited = None
+        if self._arena_bytes:
+            self._arena = Arena(self._prefix + "-caller", self._arena_bytes)  # removed by the sweeps below
         self._sched = Scheduler(
             self._steps,
             self._names,
@@ -384,6 +407,7 @@ class Flow:
         for w in workers:
             w.detach()
         shm.sweep(self._prefix + "-")
+        self._arena = None
         self._state = FlowState.STOPPED
         atexit.unregister(self._at_exit)
 
@@ -396,6 +420,7 @@ class Flow:
         if self._sched is not None:
             self._sched.clear()
         shm.sweep(self._prefix + "-")
+        self._arena = None
         self._state = FlowState.STOPPED
         atexit.unregister(self._at_exit)
         log.info("Flow was stopped")

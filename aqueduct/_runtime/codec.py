@@ -74,10 +74,16 @@ def encode(
         refs.append((seg.name, seg.size, 0, nbytes))
         return False
 
-    if all(name.endswith(ARENA_SUFFIX) for name in segments):
+    if arenas_only(segments):
         return _plain.encode(obj, out_of_band), refs
     # A small array may lie in a task's share_value segment: only the general path sends it by reference.
     return pickle.dumps(obj, protocol=5, buffer_callback=out_of_band), refs
+
+
+def arenas_only(segments: dict[str, Segment]) -> bool:
+    """Whether every segment in ``segments`` is an arena: their small arrays may travel as copies
+    (unlike a ``share_value`` segment's, which travel by reference whatever their size)."""
+    return all(name.endswith(ARENA_SUFFIX) for name in segments)
 
 
 class _NotInBand(Exception):

@@ -561,7 +561,7 @@ class Scheduler:
         """The batch's tasks as a worker takes them, and the entries sent: one pickle for them all where
         each is a decoded task with nothing in shared memory (a local caller's, the common case), else
         one pickle each; a task that cannot be pickled fails alone."""
-        if all(entry.encoded is None and not entry.segments for entry in batch):
+        if all(entry.encoded is None and (not entry.segments or codec.arenas_only(entry.segments)) for entry in batch):
             bundle = codec.encode_batch([entry.current for entry in batch])
             if bundle is not None:
                 return batch, bundle

@@ -2,8 +2,9 @@
 
 ``LocalBackend``: the flow runs here (``server.workers: 1``): the app starts and stops it.
 ``RemoteBackend``: this is one of several front-end processes; the flow runs in the pod's main
-process, reached through ``aqueduct.remote``. Request bodies are read straight into the front
-end's shared-memory arena, so their tensors reach the workers without another copy.
+process, reached through ``aqueduct.remote``. Either way large request bodies are read straight
+into a shared-memory arena (the flow's, or the front end's), so their tensors reach the workers
+without another copy.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class LocalBackend:
         return generate_latest(self.flow.metrics_registry)
 
     def lease(self, nbytes: int) -> Lease | None:
-        return None
+        return self.flow.lease(nbytes)
 
 
 class RemoteBackend:

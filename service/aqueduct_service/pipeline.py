@@ -98,4 +98,6 @@ def build_flow(settings: Settings) -> Flow:
         queue_priorities=settings.queue_priorities,
         # front-end processes take a CPU each; the workers' math libraries share the rest
         worker_cpus=max(1.0, available_cpus() - front_ends) if front_ends > 1 else None,
+        # one process: it reads request bodies into the flow's arena (front ends have arenas of their own)
+        arena_bytes=settings.server.arena_bytes if front_ends == 1 else 0,
     )
