@@ -362,11 +362,12 @@ class Flow:
             raise FlowError(f"Flow is {self._state.value}; start() needs a stopped flow")
         if self._ctx.get_start_method() == "fork":
             check_cuda_not_initialised()
+        prefix = shm.new_flow_prefix()
+        if self._arena_bytes:  # first: a /dev/shm too small for it fails start() with the flow still stopped
+            self._arena = Arena(prefix + "-caller", self._arena_bytes)  # removed by the sweeps below
         self._state = FlowState.STARTING
-        self._prefix = shm.new_flow_prefix()
+        self._prefix = prefix
         self._idle = self._exited = None
-        if self._arena_bytes:
-            self._arena = Arena(self._prefix + "-caller", self._arena_bytes)  # removed by the sweeps below
         self._sched = Scheduler(
             self._steps,
             self._names,

@@ -559,8 +559,8 @@ class Scheduler:
 
     def _encode(self, rt: _StepRuntime, batch: list[Entry]) -> tuple[list[Entry], bytes | list[codec.Encoded]]:
         """The batch's tasks as a worker takes them, and the entries sent: one pickle for them all where
-        each is a decoded task with nothing in shared memory (a local caller's, the common case), else
-        one pickle each; a task that cannot be pickled fails alone."""
+        each is a decoded task (a local caller's) with no shared memory but arenas and no large buffer,
+        the common case; else one pickle each. A task that cannot be pickled fails alone."""
         if all(entry.encoded is None and (not entry.segments or codec.arenas_only(entry.segments)) for entry in batch):
             bundle = codec.encode_batch([entry.current for entry in batch])
             if bundle is not None:

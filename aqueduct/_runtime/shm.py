@@ -46,10 +46,14 @@ class Segment:
     @classmethod
     def allocate(cls, name: str, size: int) -> Segment:
         """Create an empty segment named ``name`` of ``size`` bytes (its pages are taken as they are written)."""
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size)
+        except BaseException:
+            os.unlink(path)
+            raise
         finally:
             os.close(fd)
         return cls(name, mm, size)
