@@ -101,6 +101,7 @@ class WorkerProcess:
         self._input_closed = True
         _PARENT_FDS.discard(self.to_worker)
         if self.writer is not None:
+            self.writer.write(pipes.pack(("stop",)))  # unannounced, the end of input means this process died
             self.writer.close()
         else:
             _close(self.to_worker)

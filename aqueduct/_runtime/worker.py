@@ -1,8 +1,9 @@
 """The worker process: ``on_start``, then take batches from the parent, handle them, reply.
 
 Messages from the parent: ``("run", [(batch_id, tasks), ...])``, where ``tasks`` is a list of
-encoded tasks or, for a batch of small tasks, one pickle of them all (``codec.encode_batch``);
-end-of-file on the pipe means stop. Messages to the parent: ``("ready",)`` or ``("start_failed",
+encoded tasks or, for a batch of small tasks, one pickle of them all (``codec.encode_batch``), and
+``("stop",)`` before the parent closes the pipe; an end of the pipe without it means the parent died,
+and the worker removes the flow's shared memory. Messages to the parent: ``("ready",)`` or ``("start_failed",
 type, message, traceback)`` once, then per batch ``("done", batch_id, outcomes, handle_seconds,
 bundle)``, where each outcome is ``(OK, encoded task)``, ``(ERROR, (type, message, traceback))`` or
 ``(EXPIRED, None)``. A batch that came as one pickle is answered with one too where it can be:
@@ -20,6 +21,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -33,6 +35,11 @@ OK, ERROR, EXPIRED = 0, 1, 2
 #: Size of each worker's arena for outputs of 64 KiB or more (its pages are taken as they are written).
 OUTPUT_ARENA_BYTES = 32 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
+#: How long a worker waits to see whether its parent died (its input ended unannounced, or the thread
+#: that started it ended).
+ORPHAN_WAIT_S = 1.0
+#: What the kernel sends a worker when the thread that started it ends (``PR_SET_PDEATHSIG``).
+PARENT_DIED_SIGNAL = signal.SIGUSR2
 
 
 def describe_exception(exc: BaseException) -> tuple[str, str, str]:
@@ -44,23 +51,46 @@ def describe_exception(exc: BaseException) -> tuple[str, str, str]:
     return name, str(exc), "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-def _die_with_parent(flow_prefix: str) -> None:
-    """Get SIGTERM when the parent dies; then sweep the flow's shared memory and exit."""
+def _die_with_parent(flow_prefix: str) -> Callable[[float], bool]:
+    """Leave, removing the flow's shared memory, when the parent process dies.
+
+    The kernel sends ``PARENT_DIED_SIGNAL`` when the thread that started this worker ends. That may be
+    before the rest of the parent's process has ended, or for a thread of a parent that lives on, so
+    the worker waits for the kernel to hand it to a new parent and leaves only then. SIGTERM (the
+    parent stopping its workers, or anyone else) makes it leave at once.
+
+    Returns that wait-and-sweep (True: the parent died and the memory was removed), for a worker whose
+    input ended without a stop message: the end of the pipe may reach it before the signal does.
+    """
     parent = os.getppid()
 
+    def sweep_if_orphaned(wait: float = 0.0) -> bool:
+        deadline = time.monotonic() + wait
+        while os.getppid() == parent:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        shm.sweep(flow_prefix + "-")
+        return True
+
+    def on_parent_died(signum: int, frame: Any) -> None:
+        if sweep_if_orphaned(ORPHAN_WAIT_S):
+            os._exit(0)
+
     def on_sigterm(signum: int, frame: Any) -> None:
-        if os.getppid() != parent:
-            shm.sweep(flow_prefix + "-")
+        sweep_if_orphaned()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(PARENT_DIED_SIGNAL, on_parent_died)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, PARENT_DIED_SIGNAL)
     except (OSError, AttributeError):  # not Linux
         pass
     if os.getppid() != parent:
         on_sigterm(signal.SIGTERM, None)
+    return sweep_if_orphaned
 
 
 class _Worker:
@@ -78,18 +108,22 @@ class _Worker:
     def send(self, message: Any) -> None:
         pipes.write_blocking(self.out_fd, pipes.pack(message))
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Serve batches until told to stop (True) or until the input ends without that (False: the
+        parent died, or is about to; a parent that stops its workers says so first)."""
         try:
             self.handler.on_start()
         except BaseException as exc:  # noqa: BLE001 - reported to start(), which raises FlowStartError
             self.send(("start_failed", *describe_exception(exc)))
-            return
+            return True
         self.send(("ready",))
         while True:
             pipes.spin_until_readable(self.in_fd)
             message = pipes.read_blocking(self.in_fd)
-            if message is None:  # the parent closed the pipe: stop
-                return
+            if message is None:
+                return False
+            if message[0] == "stop":
+                return True
             for batch_id, tasks in message[1]:
                 self.run_batch(batch_id, tasks)
 
@@ -182,13 +216,15 @@ def worker_main(
         signal.set_wakeup_fd(-1)
     except ValueError:
         pass
-    _die_with_parent(flow_prefix)
+    sweep_if_orphaned = _die_with_parent(flow_prefix)
     limit_math_threads(threads)
     os.set_blocking(in_fd, True)
     os.set_blocking(out_fd, True)
     try:
-        _Worker(handler, step_name, bisect, in_fd, out_fd, flow_prefix).run()
+        stopped = _Worker(handler, step_name, bisect, in_fd, out_fd, flow_prefix).run()
     except (BrokenPipeError, OSError):  # the parent is gone
-        pass
+        stopped = False
+    if not stopped:
+        sweep_if_orphaned(ORPHAN_WAIT_S)
     sys.stdout.flush()
     sys.stderr.flush()

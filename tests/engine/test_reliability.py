@@ -269,22 +269,31 @@ async def test_no_shared_memory_left_when_a_handler_raises_mid_transfer() -> Non
         await flow.stop()
 
 
-def test_parent_killed_by_sigterm_leaves_no_processes_or_shared_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_parent_killed_leaves_no_processes_or_shared_memory(tmp_path: Path, signum: int) -> None:
+    # The first step's worker has answered a large output (its output arena exists) and idles; the
+    # second's is busy with the task. Both see their parent die and remove the flow's memory, even
+    # where the kernel tells them when the parent's first thread ends, before its last one has.
     script = tmp_path / "parent.py"
     script.write_text(
         textwrap.dedent(
             """
-            import asyncio, os, sys
+            import asyncio, os, sys, threading, time
             import numpy as np
             from aqueduct import Flow, FlowStep
             from tests.engine.handlers import Recorder, Task
 
             async def main():
-                flow = Flow(FlowStep(Recorder(sleep=60)), FlowStep(Recorder()))
+                # Another thread, as a server has: the one that started the workers may end first.
+                threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+                flow = Flow(FlowStep(Recorder()), FlowStep(Recorder(sleep=60)))
                 flow.start()
                 pids = [p for s in flow.health().steps for p in s.pids]
                 task = Task(np.ones(1 << 20))
                 pending = asyncio.ensure_future(flow.process(task, timeout_sec=120))
+                mine = f"aqd-{os.getpid()}-"
+                while not any(n.startswith(mine) and n.endswith("-out-arena") for n in os.listdir("/dev/shm")):
+                    await asyncio.sleep(0.01)
                 await asyncio.sleep(0.2)
                 print(" ".join(map(str, pids)), flush=True)
                 await pending
@@ -305,8 +314,8 @@ def test_parent_killed_by_sigterm_leaves_no_processes_or_shared_memory(tmp_path:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 2
         prefix = f"aqd-{proc.pid}-"
-        assert any(name.startswith(prefix) for name in os.listdir("/dev/shm"))
-        proc.send_signal(signal.SIGTERM)
+        assert any(name.startswith(prefix) and name.endswith("-out-arena") for name in os.listdir("/dev/shm"))
+        proc.send_signal(signum)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
         while children_alive(pids) or any(name.startswith(prefix) for name in os.listdir("/dev/shm")):
