@@ -407,10 +407,7 @@ class Flow:
         kill_all(workers, grace=0.5)
         for w in workers:
             w.detach()
-        shm.sweep(self._prefix + "-")
-        self._arena = None
-        self._state = FlowState.STOPPED
-        atexit.unregister(self._at_exit)
+        self._stopped()
 
     def _finish_stop(self) -> None:
         workers = self._all_workers()
@@ -420,11 +417,15 @@ class Flow:
                 w.detach()
         if self._sched is not None:
             self._sched.clear()
+        self._stopped()
+        log.info("Flow was stopped")
+
+    def _stopped(self) -> None:
+        """The workers are gone: remove the flow's shared memory (its arena too); it may start again."""
         shm.sweep(self._prefix + "-")
         self._arena = None
         self._state = FlowState.STOPPED
         atexit.unregister(self._at_exit)
-        log.info("Flow was stopped")
 
     def _at_exit(self) -> None:
         kill_all(self._all_workers(), grace=0.2)

@@ -568,17 +568,23 @@ class Scheduler:
         sent: list[Entry] = []
         encoded: list[codec.Encoded] = []
         for entry in batch:
-            if entry.encoded is None:
-                assert entry.current is not None
-                try:
-                    entry.encoded = codec.encode(entry.current, entry.segments, self.prefix + "-p")
-                except Exception as exc:  # noqa: BLE001 - an unpicklable task fails alone
-                    entry.fail(TaskError(rt.name, *describe_exception(exc)))
-                    self._forget(entry)
-                    continue
+            if entry.encoded is None and not self._encode_one(rt, entry):
+                continue
+            assert entry.encoded is not None
             encoded.append(entry.encoded)
             sent.append(entry)
         return sent, encoded
+
+    def _encode_one(self, rt: _StepRuntime, entry: Entry) -> bool:
+        """Pickle the entry's task on its own; False (and the task failed) when it cannot be pickled."""
+        assert entry.current is not None
+        try:
+            entry.encoded = codec.encode(entry.current, entry.segments, self.prefix + "-p")
+        except Exception as exc:  # noqa: BLE001 - an unpicklable task fails alone
+            entry.fail(TaskError(rt.name, *describe_exception(exc)))
+            self._forget(entry)
+            return False
+        return True
 
     # ------------------------------------------------------------------ worker events
     def _on_message(self, rt: _StepRuntime, w: WorkerProcess, message: Any) -> None:
@@ -674,15 +680,8 @@ class Scheduler:
             entry.in_worker = False
             if entry.done:
                 self._forget(entry)
-                continue
-            assert entry.current is not None
-            try:
-                entry.encoded = codec.encode(entry.current, entry.segments, self.prefix + "-p")
-            except Exception as exc:  # noqa: BLE001 - it did pickle once; if not now, it fails alone
-                entry.fail(TaskError(rt.name, *describe_exception(exc)))
-                self._forget(entry)
-                continue
-            self._requeue(rt, entry)
+            elif self._encode_one(rt, entry):
+                self._requeue(rt, entry)
         self._schedule(rt)
 
     def _requeue(self, rt: _StepRuntime, entry: Entry) -> None:
