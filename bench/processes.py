@@ -1,11 +1,13 @@
-"""What the benchmark runners need to know about the servers they start: a free port, and the
-processes of a server's process group (from /proc: their state and CPU time)."""
+"""What the benchmark runners and the tests need of the servers they start: a free port, the
+processes of a server's process group (from /proc: their state and CPU time), and a bounded stop."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from pathlib import Path
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -31,3 +33,18 @@ def group_processes(pgid: int) -> dict[int, tuple[str, float]]:
         if int(fields[2]) == pgid:
             found[int(entry)] = (fields[0], (int(fields[11]) + int(fields[12])) / CLK_TCK)
     return found
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    return [pid for pid, (state, _) in group_processes(pgid).items() if state not in ("Z", "X")]
+
+
+def terminate(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM ``proc``, wait up to ``grace`` seconds for it to end, then SIGKILL it."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

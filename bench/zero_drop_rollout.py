@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -46,6 +45,8 @@ import yaml
 from aqueduct_operator.render import desired_objects
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.processes import free_port  # noqa: E402
 
 SERVE = Path(sys.executable).with_name("aqueduct-serve")
 CONFIG = ROOT / "examples" / "noop" / "pipeline.yaml"
@@ -54,12 +55,6 @@ MODEL = "noop"
 BODY = {"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]}
 PROBE_PERIOD = 0.1
 START_BOUND = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

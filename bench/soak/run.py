@@ -30,7 +30,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from bench.processes import free_port, group_processes  # noqa: E402
+from bench.processes import free_port, group_pids  # noqa: E402
 
 RAISE, CRASH = -1, -2
 
@@ -74,11 +74,6 @@ class Outcome:
             f"{self.leftover_segments or 'none'}",
         ]
         return "\n".join(lines)
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``."""
-    return [pid for pid, (state, _) in group_processes(pgid).items() if state not in ("Z", "X")]
 
 
 def config(args: argparse.Namespace) -> dict[str, object]:

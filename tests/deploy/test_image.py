@@ -27,17 +27,13 @@ from typing import Any
 import pytest
 import yaml
 
+from bench.processes import free_port, terminate
+
 from .conftest import ROOT, Docker, build_image, unavailable, wait_until
 
 pytestmark = pytest.mark.docker
 
 KMOCK_SERVE = ROOT / "tests" / "operator" / "kmock_serve.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 5) -> tuple[int, Any]:
@@ -199,12 +195,7 @@ def kmock_kubeconfig(tmp_path: Path) -> Iterator[Path]:
         kubeconfig.chmod(0o644)  # read by the container's uid 10001
         yield kubeconfig
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log.close()
 
 

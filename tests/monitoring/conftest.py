@@ -22,6 +22,7 @@ import yaml
 from aqueduct_operator import render
 from aqueduct_operator.spec import parse
 
+from bench.processes import terminate
 from tests.deploy.conftest import unavailable
 from tests.service.conftest import Server, free_port, wait_for
 
@@ -142,12 +143,7 @@ class Prometheus:
     def stop(self) -> None:
         self.client.close()
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            terminate(self.proc, 30)
 
 
 @pytest.fixture(scope="module")

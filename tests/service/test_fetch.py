@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from aqueduct_service.fetch import main
 
+from bench.processes import terminate
+
 from .conftest import REPO, free_port, server_env, wait_for
 
 MODEL = bytes(range(256)) * 4096 + b"weights"  # 1 MiB and a bit: more than one chunk
@@ -62,12 +64,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _put(f"{endpoint}/{BUCKET}/resnet/model.pt", MODEL)
         yield endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        terminate(proc)
 
 
 def _answers(endpoint: str, proc: subprocess.Popen[bytes], log: Path) -> bool:
