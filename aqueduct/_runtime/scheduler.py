@@ -408,8 +408,8 @@ class Scheduler:
                 if w.inflight:
                     continue
                 group = self._take_suspects(rt)
-                if group:
-                    self._send(rt, w, [group], suspect=True)
+                if group and not self._send(rt, w, [group], suspect=True) and rt.waiting:
+                    self._schedule(rt)  # it failed here: no answer will come back to dispatch the rest
                 continue
             batches: list[list[Entry]] = []
             while rt.waiting > rt.suspect_count():
@@ -428,8 +428,10 @@ class Scheduler:
                 batch = self._take(rt, size)
                 if batch:
                     batches.append(batch)
-            if batches:
-                self._send(rt, w, batches)
+            if batches and self._send(rt, w, batches) < len(batches) and rt.waiting:
+                # a batch failed here, before reaching the worker: no answer will come back for it to
+                # dispatch the tasks queued behind it, so dispatch them now
+                self._schedule(rt)
             if not rt.waiting:
                 return
 
@@ -535,10 +537,10 @@ class Scheduler:
                         rt.suspects.append(live)
         return self.waiting
 
-    def _send(self, rt: _StepRuntime, w: WorkerProcess, batches: list[list[Entry]], suspect: bool = False) -> None:
+    def _send(self, rt: _StepRuntime, w: WorkerProcess, batches: list[list[Entry]], suspect: bool = False) -> int:
+        """Send ``batches`` to worker ``w``; returns how many went (a batch none of whose tasks could be
+        pickled has failed here)."""
         payload = []
-        if suspect:
-            w.suspect = True
         for batch in batches:
             sent, tasks = self._encode(rt, batch)
             if sent:
@@ -548,6 +550,8 @@ class Scheduler:
                 w.inflight[batch_id] = sent
                 payload.append((batch_id, tasks))
         if payload:
+            if suspect:
+                w.suspect = True
             assert w.writer is not None
             w.writer.write(pipes.pack(("run", payload)))
             # A lone task on a fast handler: its answer is due in microseconds, sooner than this
@@ -556,6 +560,7 @@ class Scheduler:
             if lone and pipes.spin_until_readable(w.from_worker, 2 * pipes.SPIN_S):
                 assert w.reader is not None
                 w.reader.drain()
+        return len(payload)
 
     def _encode(self, rt: _StepRuntime, batch: list[Entry]) -> tuple[list[Entry], bytes | list[codec.Encoded]]:
         """The batch's tasks as a worker takes them, and the entries sent: one pickle for them all where

@@ -100,6 +100,21 @@ async def test_a_task_that_cannot_be_pickled_fails_alone(where: str) -> None:
         await flow.stop()
 
 
+async def test_tasks_queued_behind_a_batch_that_could_not_be_pickled_are_still_sent() -> None:
+    # A whole batch fails in this process, before reaching a worker: no answer will come back for it,
+    # yet the tasks queued behind it must still go out (they used to wait for their deadline).
+    flow = Flow(FlowStep(Recorder(), batch_size=4, batch_timeout=0.2))
+    flow.start()
+    try:
+        bad = [Task(threading.Lock()) for _ in range(4)]
+        good = Task("after")
+        results = await asyncio.gather(*(flow.process(t, timeout_sec=10) for t in [*bad, good]), return_exceptions=True)
+        assert all(isinstance(r, TaskError) and r.exc_type == "TypeError" for r in results[:4]), results
+        assert results[4] is True and good.result == "after"
+    finally:
+        await flow.stop()
+
+
 async def test_answers_this_process_cannot_unpickle_fail_as_task_errors_and_the_flow_goes_on() -> None:
     flow = Flow(FlowStep(SetsBornHere(), batch_size=4, batch_timeout=0.2))
     flow.start()
