@@ -6,7 +6,8 @@ while they wait). A worker therefore limits them, before ``on_start``, to its sh
 libraries loaded later read the environment variables below; those already loaded (numpy's
 OpenBLAS, inherited from the parent) are limited through threadpoolctl, and torch, if imported
 already, through ``torch.set_num_threads``. A variable the user set is left alone, and so is the
-library it governs.
+library it governs; so is a thread pool no larger than the share (setting it would start its threads
+in the new process, which spin a while before they sleep).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 #: Environment variables read by math libraries when they load, and the threadpoolctl API each governs.
 THREAD_VARIABLES = {
@@ -36,6 +37,9 @@ def limit_math_threads(threads: int) -> None:
     blas_set_by_user = any(THREAD_VARIABLES[name] == "blas" for name in user_set)
     if blas_set_by_user:
         apis.discard("blas")
+    # Only pools larger than the share are set: setting a pool, even to the size it had, starts its
+    # threads in a forked process, and OpenBLAS's spin for about 0.1 s before they sleep.
+    apis &= {lib["user_api"] for lib in threadpool_info() if lib["num_threads"] > threads}
     for api in sorted(apis):
         threadpool_limits(limits=threads, user_api=api)
     torch = sys.modules.get("torch")

@@ -35,21 +35,31 @@ async def seen_by_worker(flow: Flow) -> object:
 async def test_each_worker_gets_its_share_of_the_cpus(clean_thread_env: pytest.MonkeyPatch) -> None:
     flow = Flow(FlowStep(ThreadReporter(), nprocs=2), FlowStep(ThreadReporter(), nprocs=2), worker_cpus=8)
     assert flow.worker_threads() == 2
-    omp, blas = await seen_by_worker(flow)
+    omp, blas, _ = await seen_by_worker(flow)
     assert omp == "2"
     assert blas and set(blas) == {2}
 
 
 async def test_the_users_setting_wins(clean_thread_env: pytest.MonkeyPatch) -> None:
     clean_thread_env.setenv("OMP_NUM_THREADS", "3")
-    omp, blas = await seen_by_worker(Flow(FlowStep(ThreadReporter()), worker_cpus=1))
+    omp, blas, _ = await seen_by_worker(Flow(FlowStep(ThreadReporter()), worker_cpus=1))
     assert omp == "3"  # the user's OpenMP setting stays
     assert set(blas) == {1}  # BLAS, which the user did not limit, gets the worker's share
 
     parent_blas = {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
     clean_thread_env.setenv("OPENBLAS_NUM_THREADS", "7")
-    omp, blas = await seen_by_worker(Flow(FlowStep(ThreadReporter()), worker_cpus=1))
+    omp, blas, _ = await seen_by_worker(Flow(FlowStep(ThreadReporter()), worker_cpus=1))
     assert set(blas) == parent_blas  # the user limits BLAS: the worker leaves its thread pool alone
+
+
+async def test_a_pool_no_larger_than_the_share_starts_no_thread(clean_thread_env: pytest.MonkeyPatch) -> None:
+    # Setting BLAS's pool in a new worker starts its threads, which spin for a while: a pool that is
+    # already within the share is left alone, and the worker has no thread but its own.
+    parent_blas = {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+    share = max(parent_blas, default=1)
+    _, blas, threads = await seen_by_worker(Flow(FlowStep(ThreadReporter()), worker_cpus=share))
+    assert set(blas) == parent_blas
+    assert threads == 1
 
 
 def test_default_share_is_of_the_cpus_this_process_may_use() -> None:
