@@ -342,7 +342,8 @@ def test_spawn_start_method(tmp_path: Path) -> None:
 def test_task_ids_are_unique_uuids_also_across_forks() -> None:
     ids = {Task().task_id for _ in range(1000)}
     assert len(ids) == 1000
-    assert all(uuid.UUID(i).version == 4 for i in ids)
+    assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    assert all(str(uuid.UUID(i)) == i for i in ids)  # the canonical text
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
