@@ -87,35 +87,46 @@ def arenas_only(segments: dict[str, Segment]) -> bool:
 
 
 class _NotInBand(Exception):
-    """A buffer too large to travel inside a batch's pickle."""
+    """A large buffer that lies in no known segment: it cannot travel inside a batch's pickle."""
 
 
-def _in_band_only(pb: pickle.PickleBuffer) -> bool:
-    try:
-        nbytes = pb.raw().nbytes
-    except BufferError:  # not contiguous: numpy copies it in band
-        return True
-    if nbytes >= SHM_THRESHOLD:
-        raise _NotInBand
-    return True
+def encode_batch(objs: list[Any], segments: dict[str, Segment]) -> Encoded | None:
+    """Pickle ``objs`` as one list, or return None when one of them cannot be pickled or holds a buffer
+    of ``SHM_THRESHOLD`` bytes or more that lies in none of ``segments`` (encode them one by one with
+    ``encode``: the one at fault fails alone, and such a buffer is copied to shared memory).
 
-
-def encode_batch(objs: list[Any]) -> bytes | None:
-    """Pickle ``objs`` as one list, or return None when one of them holds a buffer of ``SHM_THRESHOLD``
-    bytes or more or cannot be pickled (encode them one by one with ``encode``: the one at fault fails alone).
-
-    One pickle for a batch of small tasks costs a third of one pickle per task: their class is looked
-    up once and the names of their fields are written once.
+    ``segments`` are arenas (a caller's, whose leases hold request tensors): a large buffer in one of
+    them travels as a reference, as with ``encode``. One pickle for a batch of tasks costs a third of
+    one pickle per task: their class is looked up once and the names of their fields are written once.
     """
+    refs: list[BufferRef] = []
+
+    def out_of_band(pb: pickle.PickleBuffer) -> bool:
+        try:
+            raw = pb.raw()
+        except BufferError:  # not contiguous: numpy copies it in band
+            return True
+        nbytes = raw.nbytes
+        if nbytes < SHM_THRESHOLD:
+            return True
+        address = _address(raw)
+        for seg in segments.values():
+            offset = seg.find(address, nbytes)
+            if offset is not None:
+                refs.append((seg.name, seg.size, offset, nbytes))
+                return False
+        raise _NotInBand
+
     try:
-        return _plain.encode(objs, _in_band_only)
+        return _plain.encode(objs, out_of_band), refs
     except Exception:  # noqa: BLE001 - _NotInBand, or a task pickle refuses
         return None
 
 
-def decode_batch(data: bytes) -> list[Any]:
-    """The objects ``encode_batch`` pickled."""
-    objs: list[Any] = pickle.loads(data)
+def decode_batch(batch: Encoded, segments: dict[str, Segment]) -> list[Any]:
+    """The objects ``encode_batch`` pickled, their large arrays views of ``segments`` (which gets the
+    segments it had to map)."""
+    objs: list[Any] = decode(batch[0], batch[1], segments)
     return objs
 
 

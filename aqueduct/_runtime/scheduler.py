@@ -3,10 +3,12 @@
 Tasks arrive as entries: from ``Flow.process`` in this process (a future to resolve) or from another
 process through ``aqueduct.remote`` (a client to answer). Either way an entry waits in its step's
 per-priority queue until a worker is free, travels to it as part of a batch and comes back as an
-outcome. A batch of small local tasks travels as one pickle each way (``codec.encode_batch``), which
-costs a third of one pickle per task. Other tasks travel one pickle each, and between steps they stay
-in the encoded form the worker sent back (bytes and shared memory references): the parent decodes
-one only where a ``handle_condition`` must look at it, or where a local caller waits for it.
+outcome. A batch of local tasks travels as one pickle each way (``codec.encode_batch``), which costs a
+third of one pickle per task; their large arrays go by reference where they lie in an arena (the
+caller's leases), else the batch goes one pickle per task. Other tasks travel one pickle each, and
+between steps they stay in the encoded form the worker sent back (bytes and shared memory
+references): the parent decodes one only where a ``handle_condition`` must look at it, or where a
+local caller waits for it.
 
 Because the parent knows which batches each worker holds, a failing task fails alone, a dead
 worker's batches are failed or queued again at once and the worker is replaced, expired tasks
@@ -562,12 +564,17 @@ class Scheduler:
                 w.reader.drain()
         return len(payload)
 
-    def _encode(self, rt: _StepRuntime, batch: list[Entry]) -> tuple[list[Entry], bytes | list[codec.Encoded]]:
+    def _encode(self, rt: _StepRuntime, batch: list[Entry]) -> tuple[list[Entry], codec.Encoded | list[codec.Encoded]]:
         """The batch's tasks as a worker takes them, and the entries sent: one pickle for them all where
-        each is a decoded task (a local caller's) with no shared memory but arenas and no large buffer,
-        the common case; else one pickle each. A task that cannot be pickled fails alone."""
-        if all(entry.encoded is None and (not entry.segments or codec.arenas_only(entry.segments)) for entry in batch):
-            bundle = codec.encode_batch([entry.current for entry in batch])
+        each is a decoded task (a local caller's) with no shared memory but arenas and no large buffer
+        outside them, the common case; else one pickle each. A task that cannot be pickled fails alone."""
+        arenas: dict[str, shm.Segment] = {}
+        for entry in batch:
+            if entry.encoded is not None or not codec.arenas_only(entry.segments):
+                break
+            arenas.update(entry.segments)
+        else:
+            bundle = codec.encode_batch([entry.current for entry in batch], arenas)
             if bundle is not None:
                 return batch, bundle
         sent: list[Entry] = []
@@ -612,7 +619,7 @@ class Scheduler:
         batch_id: int,
         outcomes: list[Any],
         seconds: float,
-        bundle: bytes | None,
+        bundle: codec.Encoded | None,
     ) -> None:
         batch = w.inflight.pop(batch_id, None)
         if batch is None:
@@ -625,8 +632,12 @@ class Scheduler:
         worker_prefix = self._worker_prefix
         bundled: Iterator[BaseTask] | None = None
         if bundle is not None:
+            segments: dict[str, shm.Segment] = {}
+            if bundle[1]:  # it refers to the arenas its batch came with
+                for entry in batch:
+                    segments.update(entry.segments)
             try:
-                bundled = iter(codec.decode_batch(bundle))
+                bundled = iter(codec.decode_batch(bundle, segments))
             except Exception as exc:  # noqa: BLE001 - the batch's answers fail, the flow goes on
                 info = describe_exception(exc)
                 outcomes = [(ERROR, info) if status == OK else (status, payload) for status, payload in outcomes]

@@ -43,7 +43,8 @@ def limit_math_threads(threads: int) -> None:
     for api in sorted(apis):
         threadpool_limits(limits=threads, user_api=api)
     torch = sys.modules.get("torch")
-    if torch is not None and "OMP_NUM_THREADS" not in user_set and "MKL_NUM_THREADS" not in user_set:
+    user_set_torch = "OMP_NUM_THREADS" in user_set or "MKL_NUM_THREADS" in user_set
+    if torch is not None and not user_set_torch and torch.get_num_threads() > threads:
         torch.set_num_threads(threads)
 
 

@@ -1,13 +1,15 @@
 """The worker process: ``on_start``, then take batches from the parent, handle them, reply.
 
 Messages from the parent: ``("run", [(batch_id, tasks), ...])``, where ``tasks`` is a list of
-encoded tasks or, for a batch of small tasks, one pickle of them all (``codec.encode_batch``), and
+encoded tasks or, for a batch of a local caller's tasks, one pickle of them all with its references
+to the caller's arena (``codec.encode_batch``: a tuple ``(pickle, refs)``), and
 ``("stop",)`` before the parent closes the pipe; an end of the pipe without it means the parent died,
 and the worker removes the flow's shared memory. Messages to the parent: ``("ready",)`` or ``("start_failed",
 type, message, traceback)`` once, then per batch ``("done", batch_id, outcomes, handle_seconds,
 bundle)``, where each outcome is ``(OK, encoded task)``, ``(ERROR, (type, message, traceback))`` or
 ``(EXPIRED, None)``. A batch that came as one pickle is answered with one too where it can be:
-``bundle`` then pickles the tasks whose outcome is ``(OK, None)``, in order; else it is None. A batch
+``bundle`` then pickles the tasks whose outcome is ``(OK, None)``, in order (large arrays only by
+reference to the segments the batch came with); else it is None. A batch
 pickle that cannot be decoded is answered ``("resend", batch_id)``: the parent sends its tasks again,
 one pickle each, so that the one at fault fails alone.
 """
@@ -127,12 +129,12 @@ class _Worker:
             for batch_id, tasks in message[1]:
                 self.run_batch(batch_id, tasks)
 
-    def run_batch(self, batch_id: int, tasks: list[codec.Encoded] | bytes) -> None:
+    def run_batch(self, batch_id: int, tasks: list[codec.Encoded] | codec.Encoded) -> None:
         segments: dict[str, shm.Segment] = {}
-        bundled = isinstance(tasks, bytes)
-        if isinstance(tasks, bytes):
+        bundled = isinstance(tasks, tuple)
+        if isinstance(tasks, tuple):
             try:
-                decoded = codec.decode_batch(tasks)
+                decoded = codec.decode_batch(tasks, segments)
             except Exception:  # noqa: BLE001 - the parent sends them one by one: the one at fault fails alone
                 self.send(("resend", batch_id))
                 return
@@ -154,7 +156,7 @@ class _Worker:
             self.handle(live, outcomes)
         elapsed = time.perf_counter() - started
         done = [(i, task) for i, task in live if outcomes[i][0] == OK]
-        bundle = codec.encode_batch([task for _, task in done]) if bundled and done else None
+        bundle = codec.encode_batch([task for _, task in done], segments) if bundled and done else None
         if bundle is None:
             expires_at = max((task.expiration_time or math.inf for _, task in live), default=math.inf)
             for i, task in done:

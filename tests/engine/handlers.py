@@ -62,9 +62,12 @@ class Doubler(BaseTaskHandler):
 
 
 class InPlace(BaseTaskHandler):
+    """Adds 1 to each task's ``value`` in place; records the batch size on it."""
+
     def handle(self, *tasks: Task) -> None:
         for task in tasks:
             task.value += 1
+            task.batch = len(tasks)
 
 
 class FailingStart(BaseTaskHandler):

@@ -419,6 +419,31 @@ async def test_arrays_in_a_lease_of_the_flows_arena_reach_the_handler_by_referen
     assert flow.lease(1024) is None
 
 
+@pytest.mark.usefixtures("no_shm_leaks")
+async def test_a_batch_of_leased_arrays_reaches_the_handler_together_and_by_reference() -> None:
+    flow = Flow(FlowStep(InPlace(), batch_size=4, batch_timeout=0.5), arena_bytes=2 << 20)
+    flow.start()
+    try:
+        leases = [flow.lease(256 * 1024) for _ in range(4)]
+        arrays = [np.frombuffer(lease.buffer, dtype=np.float64) for lease in leases if lease is not None]
+        for array in arrays:
+            array[:] = 0
+        tasks = [Task(array) for array in arrays]
+        assert all(await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks)))
+        assert [t.batch for t in tasks] == [4] * 4
+        assert all(np.all(array == 1) for array in arrays)  # changed in the caller's memory: no copy
+        # with a large array outside the arena beside it, the leased one still goes by reference
+        outside = np.zeros(256 * 1024 // 8)
+        mixed = [Task(arrays[0]), Task(outside)]
+        assert all(await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in mixed)))
+        assert np.all(arrays[0] == 2) and np.all(mixed[1].value == 1)
+        for lease in leases:
+            assert lease is not None
+            lease.free()
+    finally:
+        await flow.stop()
+
+
 def test_arena_bytes_is_checked() -> None:
     with pytest.raises(ValueError, match="arena_bytes"):
         Flow(FlowStep(Recorder()), arena_bytes=-1)
