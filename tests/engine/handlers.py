@@ -70,6 +70,15 @@ class InPlace(BaseTaskHandler):
             task.batch = len(tasks)
 
 
+class InPlaceDiesOnNegative(InPlace):
+    """``InPlace``, but kills its own process on a task whose ``value`` (an array) starts below 0."""
+
+    def handle(self, *tasks: Task) -> None:
+        if any(t.value[0] < 0 for t in tasks):
+            os._exit(139)
+        super().handle(*tasks)
+
+
 class FailingStart(BaseTaskHandler):
     def on_start(self) -> None:
         raise RuntimeError("model file missing")

@@ -29,7 +29,16 @@ from aqueduct.exceptions import (
 )
 
 from .conftest import children_alive
-from .handlers import BornHere, DiesOnValue, Poisoned, Recorder, SetsBornHere, SetsUnpicklable, Task
+from .handlers import (
+    BornHere,
+    DiesOnValue,
+    InPlaceDiesOnNegative,
+    Poisoned,
+    Recorder,
+    SetsBornHere,
+    SetsUnpicklable,
+    Task,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,6 +181,29 @@ async def test_a_worker_that_crashes_on_a_task_is_replaced_and_others_are_served
         results = await asyncio.gather(*(flow.process(Task(i), timeout_sec=30) for i in range(20)))
         assert results == [True] * 20
         await _wait_for(lambda: flow.health().ready)
+    finally:
+        await flow.stop()
+
+
+@pytest.mark.usefixtures("no_shm_leaks")
+async def test_a_task_that_kills_its_worker_fails_alone_among_arrays_in_the_flows_arena() -> None:
+    # Such a batch travels as one pickle with references to the arena: bisection re-sends its halves
+    # the same way, and the others are still changed in the caller's memory.
+    flow = Flow(FlowStep(InPlaceDiesOnNegative(), batch_size=8, batch_timeout=0.5), arena_bytes=4 << 20)
+    flow.start()
+    try:
+        leases = [flow.lease(256 * 1024) for _ in range(8)]
+        arrays = [np.frombuffer(lease.buffer, dtype=np.float64) for lease in leases if lease is not None]
+        for i, array in enumerate(arrays):
+            array[:] = -1 if i == 5 else 0
+        tasks = [Task(array) for array in arrays]
+        results = await asyncio.gather(*(flow.process(t, timeout_sec=60) for t in tasks), return_exceptions=True)
+        assert isinstance(results[5], WorkerDiedError)
+        assert [r for i, r in enumerate(results) if i != 5] == [True] * 7
+        assert all(np.all(array == 1) for i, array in enumerate(arrays) if i != 5)
+        for lease in leases:
+            assert lease is not None
+            lease.free()
     finally:
         await flow.stop()
 
