@@ -60,21 +60,31 @@ class WorkerDiedError(FlowError):
 
 
 class TaskError(FlowError):
-    """The step's handler raised for this task.
+    """The step's handler raised for this task, or the task could not travel to or from it.
 
     Attributes:
         step: name of the step whose handler raised.
-        exc_type: qualified name of the handler's exception class, e.g. ``"ValueError"``.
-        exc_message: ``str()`` of the handler's exception.
-        traceback_text: the formatted traceback from the worker process.
+        exc_type: qualified name of the exception's class, e.g. ``"ValueError"``.
+        exc_message: ``str()`` of the exception.
+        traceback_text: the formatted traceback, from the process where it was raised.
+        during: what raised it: ``HANDLER`` (the default), or a stage of the task's trip such as
+            ``PICKLING_TASK`` (a field the caller set cannot be pickled).
     """
 
-    def __init__(self, step: str, exc_type: str, exc_message: str, traceback_text: str) -> None:
-        super().__init__(f"step {step!r}: handler raised {exc_type}: {exc_message}")
+    HANDLER = "handler raised"
+    CONDITION = "handle_condition raised"
+    PICKLING_TASK = "pickling the task for its worker raised"
+    UNPICKLING_TASK = "unpickling the task in its worker raised"
+    PICKLING_RESULT = "pickling the task after its handler raised"
+    UNPICKLING_RESULT = "unpickling the worker's answer raised"
+
+    def __init__(self, step: str, exc_type: str, exc_message: str, traceback_text: str, during: str = HANDLER) -> None:
+        super().__init__(f"step {step!r}: {during} {exc_type}: {exc_message}")
         self.step = step
         self.exc_type = exc_type
         self.exc_message = exc_message
         self.traceback_text = traceback_text
+        self.during = during
 
-    def __reduce__(self) -> tuple[type[TaskError], tuple[str, str, str, str]]:
-        return (TaskError, (self.step, self.exc_type, self.exc_message, self.traceback_text))
+    def __reduce__(self) -> tuple[type[TaskError], tuple[str, str, str, str, str]]:
+        return (TaskError, (self.step, self.exc_type, self.exc_message, self.traceback_text, self.during))

@@ -320,7 +320,7 @@ class RemoteFlow:
             try:
                 result = codec.decode(payload[0], payload[1], segments, final=True)
             except Exception as exc:  # noqa: BLE001
-                raise TaskError("flow", *describe_exception(exc)) from None
+                raise TaskError("flow", *describe_exception(exc), TaskError.UNPICKLING_RESULT) from None
             task.update(result)
             return True
         finally:

@@ -142,7 +142,7 @@ class LocalEntry(Entry):
             try:
                 self.current = codec.decode(self.encoded[0], self.encoded[1], self.segments, final=True)
             except Exception as exc:  # noqa: BLE001 - the task fails, the flow goes on
-                self.fail(TaskError(step_name, *describe_exception(exc)))
+                self.fail(TaskError(step_name, *describe_exception(exc), TaskError.UNPICKLING_RESULT))
                 return
             self.delivered = True
         self.future.set_result(self.current if self.current is not None else self.task)
@@ -370,7 +370,7 @@ class Scheduler:
                         entry.current = codec.decode(entry.encoded[0], entry.encoded[1], entry.segments)
                     wanted = rt.step.handle_condition(entry.current)
                 except Exception as exc:  # noqa: BLE001 - the task fails, the flow goes on
-                    entry.fail(TaskError(rt.name, *describe_exception(exc)))
+                    entry.fail(TaskError(rt.name, *describe_exception(exc), TaskError.CONDITION))
                     return
                 if not wanted:
                     continue
@@ -593,7 +593,7 @@ class Scheduler:
         try:
             entry.encoded = codec.encode(entry.current, entry.segments, self.prefix + "-p")
         except Exception as exc:  # noqa: BLE001 - an unpicklable task fails alone
-            entry.fail(TaskError(rt.name, *describe_exception(exc)))
+            entry.fail(TaskError(rt.name, *describe_exception(exc), TaskError.PICKLING_TASK))
             self._forget(entry)
             return False
         return True
@@ -639,7 +639,7 @@ class Scheduler:
             try:
                 bundled = iter(codec.decode_batch(bundle, segments))
             except Exception as exc:  # noqa: BLE001 - the batch's answers fail, the flow goes on
-                info = describe_exception(exc)
+                info = (*describe_exception(exc), TaskError.UNPICKLING_RESULT)
                 outcomes = [(ERROR, info) if status == OK else (status, payload) for status, payload in outcomes]
         for entry, (status, payload) in zip(batch, outcomes, strict=True):
             entry.in_worker = False

@@ -2,16 +2,18 @@
 
 Messages from the parent: ``("run", [(batch_id, tasks), ...])``, where ``tasks`` is a list of
 encoded tasks or, for a batch of a local caller's tasks, one pickle of them all with its references
-to the caller's arena (``codec.encode_batch``: a tuple ``(pickle, refs)``), and
-``("stop",)`` before the parent closes the pipe; an end of the pipe without it means the parent died,
-and the worker removes the flow's shared memory. Messages to the parent: ``("ready",)`` or ``("start_failed",
-type, message, traceback)`` once, then per batch ``("done", batch_id, outcomes, handle_seconds,
-bundle)``, where each outcome is ``(OK, encoded task)``, ``(ERROR, (type, message, traceback))`` or
-``(EXPIRED, None)``. A batch that came as one pickle is answered with one too where it can be:
-``bundle`` then pickles the tasks whose outcome is ``(OK, None)``, in order (large arrays only by
-reference to the segments the batch came with); else it is None. A batch
-pickle that cannot be decoded is answered ``("resend", batch_id)``: the parent sends its tasks again,
-one pickle each, so that the one at fault fails alone.
+to the caller's arena (``codec.encode_batch``: a tuple ``(pickle, refs)``), and ``("stop",)``
+before the parent closes the pipe; an end of the pipe without it means the parent died, and the
+worker removes the flow's shared memory.
+
+Messages to the parent: ``("ready",)`` or ``("start_failed", type, message, traceback)`` once, then
+per batch ``("done", batch_id, outcomes, handle_seconds, bundle)``, where each outcome is
+``(OK, encoded task)``, ``(ERROR, (type, message, traceback[, stage]))`` (``TaskError``'s
+arguments) or ``(EXPIRED, None)``. A batch that came as one pickle is answered with one too where
+it can be: ``bundle`` then pickles the tasks whose outcome is ``(OK, None)``, in order (large arrays
+only by reference to the segments the batch came with); else it is None. A batch pickle that cannot
+be decoded is answered ``("resend", batch_id)``: the parent sends its tasks again, one pickle each,
+so that the one at fault fails alone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ..exceptions import TaskError
 from ..handler import BaseTaskHandler
 from ..task import BaseTask
 from . import codec, pipes, shm
@@ -147,7 +150,7 @@ class _Worker:
                 try:
                     task = codec.decode(data, refs, segments)
                 except Exception as exc:  # noqa: BLE001 - one undecodable task fails alone
-                    outcomes[i] = (ERROR, describe_exception(exc))
+                    outcomes[i] = (ERROR, (*describe_exception(exc), TaskError.UNPICKLING_TASK))
                     continue
                 if not task.is_expired():
                     live.append((i, task))
@@ -163,7 +166,7 @@ class _Worker:
                 try:
                     outcomes[i] = (OK, codec.encode(task, segments, self.prefix, self.output_arena(), expires_at))
                 except Exception as exc:  # noqa: BLE001 - e.g. the handler set an unpicklable field
-                    outcomes[i] = (ERROR, describe_exception(exc))
+                    outcomes[i] = (ERROR, (*describe_exception(exc), TaskError.PICKLING_RESULT))
         self.send(("done", batch_id, outcomes, elapsed, bundle))
 
     def output_arena(self) -> OutputArena | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -59,7 +60,7 @@ async def test_a_failing_task_fails_alone_and_the_flow_goes_on() -> None:
         assert results[:7] == [True] * 7
         error = results[7]
         assert isinstance(error, TaskError) and isinstance(error, FlowError)
-        assert error.exc_type == "ValueError"
+        assert error.exc_type == "ValueError" and error.during == TaskError.HANDLER
         assert error.exc_message == "poisoned input"
         assert "raise ValueError" in error.traceback_text
         assert [t.result for t in tasks[:7]] == list(range(7))
@@ -84,7 +85,7 @@ async def test_a_task_its_worker_cannot_unpickle_fails_alone() -> None:
         assert max(t.batch for t in tasks[:7]) > 1
         error = results[7]
         assert isinstance(error, TaskError) and error.exc_type == "ValueError"
-        assert "cannot be rebuilt" in error.exc_message
+        assert "cannot be rebuilt" in error.exc_message and error.during == TaskError.UNPICKLING_TASK
         later = Task("after")
         assert await flow.process(later, timeout_sec=30) and later.result == "after"
     finally:
@@ -105,6 +106,8 @@ async def test_a_task_that_cannot_be_pickled_fails_alone(where: str) -> None:
         assert [t.result for t in tasks[:7]] == list(range(7))
         assert isinstance(results[7], TaskError) and results[7].exc_type == "TypeError"
         assert "lock" in results[7].exc_message
+        stage = TaskError.PICKLING_TASK if where == "caller" else TaskError.PICKLING_RESULT
+        assert results[7].during == stage and f"{stage} TypeError" in str(results[7])
     finally:
         await flow.stop()
 
@@ -118,7 +121,7 @@ async def test_tasks_queued_behind_a_batch_that_could_not_be_pickled_are_still_s
         bad = [Task(threading.Lock()) for _ in range(4)]
         good = Task("after")
         results = await asyncio.gather(*(flow.process(t, timeout_sec=10) for t in [*bad, good]), return_exceptions=True)
-        assert all(isinstance(r, TaskError) and r.exc_type == "TypeError" for r in results[:4]), results
+        assert all(isinstance(r, TaskError) and r.during == TaskError.PICKLING_TASK for r in results[:4]), results
         assert results[4] is True and good.result == "after"
     finally:
         await flow.stop()
@@ -131,10 +134,30 @@ async def test_answers_this_process_cannot_unpickle_fail_as_task_errors_and_the_
         tasks = [Task(1), Task("stuck"), Task(3)]
         results = await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks), return_exceptions=True)
         assert isinstance(results[1], TaskError) and "cannot be rebuilt" in results[1].exc_message
+        assert results[1].during == TaskError.UNPICKLING_RESULT
         for result, task in zip(results, tasks, strict=True):  # those answered with it fail too, or succeed
             assert result is True and task.result == task.value or isinstance(result, TaskError)
         later = Task("after")
         assert await flow.process(later, timeout_sec=30) and later.result == "after"
+    finally:
+        await flow.stop()
+
+
+def _needs_int(task: Task) -> bool:
+    return int(task.value) % 2 == 0  # type: ignore[call-overload]
+
+
+async def test_a_raising_handle_condition_fails_its_task_alone_and_says_so() -> None:
+    flow = Flow(FlowStep(Recorder()), FlowStep(Recorder(), handle_condition=_needs_int))
+    flow.start()
+    try:
+        bad, good = Task("not a number"), Task(4)
+        results = await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in (bad, good)), return_exceptions=True)
+        error = results[0]
+        assert isinstance(error, TaskError) and error.during == TaskError.CONDITION
+        assert str(error).startswith("step 'step2_Recorder': handle_condition raised ValueError: invalid literal")
+        assert pickle.loads(pickle.dumps(error)).during == TaskError.CONDITION  # as it reaches remote callers
+        assert results[1] is True and good.result == 4
     finally:
         await flow.stop()
 
