@@ -9,12 +9,16 @@ throughput, how long after the last kill the pod was ready again, the exit code 
 processes or /dev/shm segments left behind.
 
     .venv/bin/python bench/soak/run.py --requests 10000 --raising 0.01 --crashing 0.01 --kill-every 1
+
+``--elements 10000`` makes each ``x`` 80 KB sent as a binary tensor: it is read into shared memory
+and its batches travel to the workers by reference, through the same crash bisection.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,7 +146,8 @@ async def soak(args: argparse.Namespace, kill_every: float, label: str) -> Outco
                 else None
             )
             started = time.perf_counter()
-            await asyncio.gather(*(client_loop(client, queue, outcome) for _ in range(args.concurrency)))
+            loops = (client_loop(client, queue, outcome, args.elements) for _ in range(args.concurrency))
+            await asyncio.gather(*loops)
             outcome.seconds = time.perf_counter() - started
             done.set()
             if killer is not None:
@@ -176,23 +182,48 @@ async def wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen[bytes], b
         await asyncio.sleep(0.05)
 
 
-async def client_loop(client: httpx.AsyncClient, queue: asyncio.Queue[tuple[int, str]], outcome: Outcome) -> None:
+def binary_request(x: int, elements: int) -> tuple[bytes, dict[str, str]]:
+    """A request whose ``x`` is ``elements`` int64s of value ``x``, sent and answered as binary tensors."""
+    data = np.full(elements, x, dtype=np.int64).tobytes()
+    tensor = {"name": "x", "shape": [elements], "datatype": "INT64", "parameters": {"binary_data_size": len(data)}}
+    header = json.dumps({"inputs": [tensor], "outputs": [{"name": "y", "parameters": {"binary_data": True}}]})
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    return header.encode() + data, headers
+
+
+def answered_right(reply: httpx.Response, x: int, elements: int) -> bool:
+    """Whether ``reply`` is a 200 whose ``y`` is ``2 * x`` in each of its ``elements``."""
+    if reply.status_code != 200:
+        return False
+    if elements == 1:
+        return bool(reply.json()["outputs"][0]["data"] == [2 * x])
+    y = np.frombuffer(reply.content[int(reply.headers["inference-header-content-length"]) :], dtype=np.int64)
+    return y.shape == (elements,) and bool((y == 2 * x).all())
+
+
+async def client_loop(
+    client: httpx.AsyncClient, queue: asyncio.Queue[tuple[int, str]], outcome: Outcome, elements: int
+) -> None:
     while not queue.empty():
         index, kind = queue.get_nowait()
         x = {"good": index % 1000, "raise": RAISE, "crash": CRASH}[kind]
-        body = {"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [x]}]}
         try:
-            reply = await client.post("/v2/models/soak/infer", json=body)
+            if elements == 1:
+                body = {"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [x]}]}
+                reply = await client.post("/v2/models/soak/infer", json=body)
+            else:
+                content, headers = binary_request(x, elements)
+                reply = await client.post("/v2/models/soak/infer", content=content, headers=headers)
         except httpx.TimeoutException:
             outcome.timeouts += 1
             continue
         except httpx.TransportError as e:
             status, text = 0, type(e).__name__
         else:
-            status, text = reply.status_code, reply.text
+            status, text = reply.status_code, reply.text if reply.status_code != 200 else ""
         if kind == "good":
             outcome.good += 1
-            if status == 200 and reply.json()["outputs"][0]["data"] == [2 * x]:
+            if status == 200 and answered_right(reply, x, elements):
                 outcome.good_right += 1
             else:
                 key = f"{status} {text[:60]}"
@@ -252,6 +283,13 @@ def main() -> None:
     parser.add_argument("--frontends", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=10.0, help="the pod's request deadline, s")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--elements",
+        type=int,
+        default=1,
+        help="int64s in each request's x; above 1 it travels as a binary tensor (8,192 and more: "
+        "64 KiB, read into shared memory)",
+    )
     args = parser.parse_args()
     calm = asyncio.run(soak(args, 0, "without kills"))
     print(calm.report(), flush=True)
