@@ -32,6 +32,25 @@ def _address(raw: memoryview) -> int:
     return int(np.frombuffer(raw, dtype=np.uint8).ctypes.data)
 
 
+def _contiguous(pb: pickle.PickleBuffer) -> memoryview | None:
+    """The buffer's bytes, or None where they are not contiguous (numpy then copies them in band)."""
+    try:
+        return pb.raw()
+    except BufferError:
+        return None
+
+
+def _reference(raw: memoryview, segments: dict[str, Segment]) -> BufferRef | None:
+    """Where ``raw`` lies in one of ``segments``, as a reference; None where it lies in none."""
+    nbytes = raw.nbytes
+    address = _address(raw)
+    for seg in segments.values():
+        offset = seg.find(address, nbytes)
+        if offset is not None:
+            return (seg.name, seg.size, offset, nbytes)
+    return None
+
+
 def encode(
     obj: Any,
     segments: dict[str, Segment],
@@ -48,19 +67,14 @@ def encode(
     refs: list[BufferRef] = []
 
     def out_of_band(pb: pickle.PickleBuffer) -> bool:
-        try:
-            raw = pb.raw()
-        except BufferError:  # not contiguous: numpy copies it in band
+        raw = _contiguous(pb)
+        if raw is None or raw.nbytes == 0 or (raw.nbytes < SHM_THRESHOLD and not segments):
             return True
+        ref = _reference(raw, segments)
+        if ref is not None:
+            refs.append(ref)
+            return False
         nbytes = raw.nbytes
-        if nbytes == 0 or (nbytes < SHM_THRESHOLD and not segments):
-            return True
-        address = _address(raw)
-        for seg in segments.values():
-            offset = seg.find(address, nbytes)
-            if offset is not None:
-                refs.append((seg.name, seg.size, offset, nbytes))
-                return False
         if nbytes < SHM_THRESHOLD:
             return True
         if outputs is not None:
@@ -102,20 +116,14 @@ def encode_batch(objs: list[Any], segments: dict[str, Segment]) -> Encoded | Non
     refs: list[BufferRef] = []
 
     def out_of_band(pb: pickle.PickleBuffer) -> bool:
-        try:
-            raw = pb.raw()
-        except BufferError:  # not contiguous: numpy copies it in band
+        raw = _contiguous(pb)
+        if raw is None or raw.nbytes < SHM_THRESHOLD:
             return True
-        nbytes = raw.nbytes
-        if nbytes < SHM_THRESHOLD:
-            return True
-        address = _address(raw)
-        for seg in segments.values():
-            offset = seg.find(address, nbytes)
-            if offset is not None:
-                refs.append((seg.name, seg.size, offset, nbytes))
-                return False
-        raise _NotInBand
+        ref = _reference(raw, segments)
+        if ref is None:
+            raise _NotInBand
+        refs.append(ref)
+        return False
 
     try:
         return _plain.encode(objs, out_of_band), refs
