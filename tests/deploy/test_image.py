@@ -222,7 +222,16 @@ def test_operator_container_reconciles_the_example(docker: Docker, aqueduct_imag
         "--standalone",
         f"--liveness=http://127.0.0.1:{health}/healthz",
         "--verbose",
-        options=("-v", f"{kmock_kubeconfig}:/kube/config:ro", "-e", "KUBECONFIG=/kube/config"),
+        # A short resync: kopf can take a stale event from the stand-in's watch for the new object, have
+        # its finalizer patch refused, and wait for the next cycle; the resync timer is that cycle.
+        options=(
+            "-v",
+            f"{kmock_kubeconfig}:/kube/config:ro",
+            "-e",
+            "KUBECONFIG=/kube/config",
+            "-e",
+            "AQUEDUCT_OPERATOR_RESYNC_SECONDS=5",
+        ),
     ) as logs:
         wait_until(
             "the operator's liveness endpoint",
