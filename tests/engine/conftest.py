@@ -2,9 +2,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 
+import numpy as np
 import pytest
 
+from aqueduct import Flow
+from aqueduct._runtime.arena import Lease
 from aqueduct._runtime.shm import SHM_DIR
 
 
@@ -19,6 +23,21 @@ def no_shm_leaks() -> Iterator[None]:
     yield
     left = _segments() - before
     assert not left, f"segments left in {SHM_DIR}: {sorted(left)}"
+
+
+@contextmanager
+def leased_arrays(flow: Flow, count: int, nbytes: int = 256 * 1024) -> Iterator[list[np.ndarray]]:
+    """``count`` float64 arrays of ``nbytes`` each over leases of ``flow``'s arena, freed on exit."""
+    leases: list[Lease] = []
+    try:
+        for _ in range(count):
+            lease = flow.lease(nbytes)
+            assert lease is not None, "the flow's arena has no room"
+            leases.append(lease)
+        yield [np.frombuffer(lease.buffer, dtype=np.float64) for lease in leases]
+    finally:
+        for lease in leases:
+            lease.free()
 
 
 def children_alive(pids: list[int]) -> list[int]:

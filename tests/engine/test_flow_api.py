@@ -17,6 +17,7 @@ import pytest
 from aqueduct import BaseTask, Flow, FlowStep
 from aqueduct.exceptions import FlowError, FlowStartError, FlowStartTimeout, NotRunningError
 
+from .conftest import leased_arrays
 from .handlers import Doubler, FailingStart, InPlace, Recorder, SlowStart, Task, is_even
 
 
@@ -424,22 +425,18 @@ async def test_a_batch_of_leased_arrays_reaches_the_handler_together_and_by_refe
     flow = Flow(FlowStep(InPlace(), batch_size=4, batch_timeout=0.5), arena_bytes=2 << 20)
     flow.start()
     try:
-        leases = [flow.lease(256 * 1024) for _ in range(4)]
-        arrays = [np.frombuffer(lease.buffer, dtype=np.float64) for lease in leases if lease is not None]
-        for array in arrays:
-            array[:] = 0
-        tasks = [Task(array) for array in arrays]
-        assert all(await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks)))
-        assert [t.batch for t in tasks] == [4] * 4
-        assert all(np.all(array == 1) for array in arrays)  # changed in the caller's memory: no copy
-        # with a large array outside the arena beside it, the leased one still goes by reference
-        outside = np.zeros(256 * 1024 // 8)
-        mixed = [Task(arrays[0]), Task(outside)]
-        assert all(await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in mixed)))
-        assert np.all(arrays[0] == 2) and np.all(mixed[1].value == 1)
-        for lease in leases:
-            assert lease is not None
-            lease.free()
+        with leased_arrays(flow, 4) as arrays:
+            for array in arrays:
+                array[:] = 0
+            tasks = [Task(array) for array in arrays]
+            assert all(await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in tasks)))
+            assert [t.batch for t in tasks] == [4] * 4
+            assert all(np.all(array == 1) for array in arrays)  # changed in the caller's memory: no copy
+            # with a large array outside the arena beside it, the leased one still goes by reference
+            outside = np.zeros(256 * 1024 // 8)
+            mixed = [Task(arrays[0]), Task(outside)]
+            assert all(await asyncio.gather(*(flow.process(t, timeout_sec=30) for t in mixed)))
+            assert np.all(arrays[0] == 2) and np.all(mixed[1].value == 1)
     finally:
         await flow.stop()
 

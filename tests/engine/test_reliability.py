@@ -29,7 +29,7 @@ from aqueduct.exceptions import (
     WorkerDiedError,
 )
 
-from .conftest import children_alive
+from .conftest import children_alive, leased_arrays
 from .handlers import (
     BornHere,
     DiesOnValue,
@@ -215,18 +215,14 @@ async def test_a_task_that_kills_its_worker_fails_alone_among_arrays_in_the_flow
     flow = Flow(FlowStep(InPlaceDiesOnNegative(), batch_size=8, batch_timeout=0.5), arena_bytes=4 << 20)
     flow.start()
     try:
-        leases = [flow.lease(256 * 1024) for _ in range(8)]
-        arrays = [np.frombuffer(lease.buffer, dtype=np.float64) for lease in leases if lease is not None]
-        for i, array in enumerate(arrays):
-            array[:] = -1 if i == 5 else 0
-        tasks = [Task(array) for array in arrays]
-        results = await asyncio.gather(*(flow.process(t, timeout_sec=60) for t in tasks), return_exceptions=True)
-        assert isinstance(results[5], WorkerDiedError)
-        assert [r for i, r in enumerate(results) if i != 5] == [True] * 7
-        assert all(np.all(array == 1) for i, array in enumerate(arrays) if i != 5)
-        for lease in leases:
-            assert lease is not None
-            lease.free()
+        with leased_arrays(flow, 8) as arrays:
+            for i, array in enumerate(arrays):
+                array[:] = -1 if i == 5 else 0
+            tasks = [Task(array) for array in arrays]
+            results = await asyncio.gather(*(flow.process(t, timeout_sec=60) for t in tasks), return_exceptions=True)
+            assert isinstance(results[5], WorkerDiedError)
+            assert [r for i, r in enumerate(results) if i != 5] == [True] * 7
+            assert all(np.all(array == 1) for i, array in enumerate(arrays) if i != 5)
     finally:
         await flow.stop()
 
