@@ -33,7 +33,7 @@ class _TaskIds:
         os.register_at_fork(after_in_child=self.reseed)
 
     def reseed(self) -> None:
-        random = f"{uuid.UUID(int=int.from_bytes(os.urandom(16), 'big'), version=4)}"
+        random = str(uuid.UUID(int=int.from_bytes(os.urandom(16), "big"), version=4))
         self.prefix = random[:19]  # "xxxxxxxx-xxxx-4xxx-": the random half, with the version
         self.counter = itertools.count()
 
