@@ -12,7 +12,7 @@ import atexit
 import multiprocessing as mp
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
@@ -233,8 +233,13 @@ class Flow:
             raise
         self._attach_all(loop)
 
-    async def process(self, task: BaseTask, timeout_sec: float = 5.0) -> bool:
+    async def process(self, task: BaseTask, timeout_sec: float = 5.0, *, leases: Sequence[Lease] = ()) -> bool:
         """Run ``task`` through the steps; its fields hold the handlers' results when this returns True.
+
+        ``leases``: blocks of this flow's arena (``lease()``) that the task's arrays lie in. The flow
+        holds each until no worker can still read or write it, also when this call ends first (its
+        timeout passed while a worker runs the task): the caller ``free()``s them when it is done
+        with the answer, and the block is not reused before the worker is done too.
 
         Raises:
             NotRunningError: the flow is not running.
@@ -257,7 +262,7 @@ class Flow:
         if task.priority:
             task.priority = max(0, min(task.priority, self._queue_priorities - 1))
         task.set_timeout(timeout_sec)
-        entry = LocalEntry(task, loop.create_future())
+        entry = LocalEntry(task, loop.create_future(), tuple(leases))
         if self._arena is not None:  # the task's arrays may lie in leases of it: they travel by reference
             entry.segments[self._arena.name] = self._arena.segment
         sched.deadlines.add(entry)
@@ -323,7 +328,8 @@ class Flow:
         flow is not running, or no room now).
 
         Numpy arrays over ``lease.buffer`` reach the workers by reference, without a copy; call
-        ``lease.free()`` once the task's answer has been used (arrays over it must not be used after).
+        ``lease.free()`` once the task's answer has been used (arrays over it must not be used after),
+        and pass it to ``process(task, leases=[lease])`` so that it outlives a task that timed out.
         """
         if self._arena is None or self._state is not FlowState.RUNNING:
             return None

@@ -39,7 +39,7 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,6 +269,8 @@ class RemoteFlow:
         self._reader: pipes.LoopReader | None = None
         self._writer: pipes.LoopWriter | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        # Leases of tasks whose caller stopped waiting, held until the flow's answer says no worker has them.
+        self._abandoned: dict[int, tuple[Lease, ...]] = {}
         self._outbox: list[Any] = []
         self._seq = itertools.count()
         self.closed = False
@@ -291,8 +293,12 @@ class RemoteFlow:
         """
         return self._arena.lease(nbytes) if self._arena is not None else None
 
-    async def process(self, task: BaseTask, timeout_sec: float = 5.0) -> bool:
-        """``Flow.process`` across processes: same contract, same errors."""
+    async def process(self, task: BaseTask, timeout_sec: float = 5.0, *, leases: Sequence[Lease] = ()) -> bool:
+        """``Flow.process`` across processes: same contract, same errors.
+
+        ``leases``: blocks of this client's arena the task's arrays lie in; each is held until the
+        flow's process answers for the task (then no worker has it), also when this call ends first.
+        """
         if self.closed or self._loop is None:
             raise NotRunningError("Flow is not running")
         loop = self._loop
@@ -309,12 +315,21 @@ class RemoteFlow:
             if not self._outbox:
                 loop.call_soon(self._flush)
             self._outbox.append((seq, task.priority, task.expiration_time, data, refs))
+            for lease in leases:
+                lease.retain()
             timer = loop.call_later(timeout_sec, _expire, future)
             try:
                 ok, payload = await future
             finally:
                 timer.cancel()
                 self._pending.pop(seq, None)
+                if leases:
+                    if future.done() and not future.cancelled() and future.result()[0] is not None:
+                        _release(leases)  # the flow answered: no worker holds the task
+                    else:  # the flow still has it: hold the leases until its answer comes
+                        self._abandoned[seq] = tuple(leases)
+            if ok is None:
+                raise TaskTimeoutError()
             if not ok:
                 raise payload
             try:
@@ -353,6 +368,9 @@ class RemoteFlow:
             if not future.done():
                 future.set_result((False, NotRunningError("the flow's process closed the channel")))
         self._pending.clear()
+        for leases in self._abandoned.values():  # the arena is gone with the channel
+            _release(leases)
+        self._abandoned.clear()
 
     async def _ask(self, kind: str) -> Any:
         if self.closed or self._loop is None or self._writer is None:
@@ -381,7 +399,11 @@ class RemoteFlow:
                 future = pending.get(seq)
                 if future is not None and not future.done():
                     future.set_result((ok, payload))
-                elif ok:
+                    continue
+                leases = self._abandoned.pop(seq, None)
+                if leases:
+                    _release(leases)
+                if ok:
                     _unlink_answer(payload, self._address.prefix, self._own)
         else:
             future = pending.get(message[1])
@@ -395,8 +417,14 @@ class RemoteFlow:
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
+    """The caller's timeout passed before the flow answered: ``ok`` None says so."""
     if not future.done():
-        future.set_result((False, TaskTimeoutError()))
+        future.set_result((None, None))
+
+
+def _release(leases: Sequence[Lease]) -> None:
+    for lease in leases:
+        lease.release()
 
 
 def _unlink_answer(encoded: codec.Encoded, own_prefix: str, own: dict[str, shm.Segment]) -> None:

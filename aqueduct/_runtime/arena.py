@@ -25,21 +25,46 @@ _ORPHAN_GRACE_S = 30.0
 
 
 class Lease:
-    """A block of an arena: ``buffer`` is a writable view of exactly the bytes asked for."""
+    """A block of an arena: ``buffer`` is a writable view of exactly the bytes asked for.
 
-    __slots__ = ("_arena", "_block", "buffer")
+    The block goes back to the arena once every holder let go of it: the caller who leased it
+    (``free()``) and each task in flight that carries arrays over it (``retain()``/``release()``, done
+    by the flow: a task's hold ends when no worker can still read or write its data, whenever its
+    caller stopped waiting). So a caller may ``free()`` as soon as it is done with the answer, also
+    after a timeout, without the block being handed to a new request while a worker still uses it.
+    """
+
+    __slots__ = ("_arena", "_block", "_holds", "_caller_done", "buffer")
 
     def __init__(self, arena: Arena, block: list[Any], nbytes: int) -> None:
         self._arena = arena
         self._block = block
+        self._holds = 1  # the caller's
+        self._caller_done = False
         self.buffer = arena.segment.view(block[0], nbytes)
 
     def free(self) -> None:
-        """Give the block back; idempotent. Arrays over ``buffer`` must not be used afterwards."""
-        if self._block[2]:
+        """The caller is done with the block; idempotent. Arrays over ``buffer`` must not be used afterwards."""
+        if self._caller_done:
             return
-        self._block[2] = 1
-        self._arena.reclaim()
+        self._caller_done = True
+        self.release()
+
+    def retain(self) -> None:
+        """One more holder (a task in flight): the block stays leased until a matching ``release()``."""
+        self._holds += 1
+
+    def release(self) -> None:
+        """A holder let go; the block goes back to the arena when none is left."""
+        self._holds -= 1
+        if self._holds == 0:
+            self._block[2] = 1
+            self._arena.reclaim()
+
+    @property
+    def held(self) -> bool:
+        """The block is still leased (some holder has not let go)."""
+        return self._holds > 0
 
 
 class Arena:

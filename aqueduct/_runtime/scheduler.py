@@ -34,6 +34,7 @@ from ..step import FlowStep
 from ..task import BaseTask
 from . import codec, pipes, shm
 from .adaptive import AdaptiveWindow
+from .arena import Lease
 from .devices import worker_environment
 from .shm import ARENA_SUFFIX
 from .supervisor import WorkerProcess, spawn
@@ -119,17 +120,32 @@ class Entry:
 
 
 class LocalEntry(Entry):
-    """A task from ``Flow.process`` in this process: the caller awaits ``future``."""
+    """A task from ``Flow.process`` in this process: the caller awaits ``future``.
 
-    __slots__ = ("task", "future", "timer")
+    ``leases`` are blocks of the flow's arena the task's arrays lie in: the entry holds them until it
+    is released, that is, until no worker can still read or write them (not when its caller stops
+    waiting: a worker may be running the task then).
+    """
 
-    def __init__(self, task: BaseTask, future: asyncio.Future[BaseTask]) -> None:
+    __slots__ = ("task", "future", "timer", "leases")
+
+    def __init__(self, task: BaseTask, future: asyncio.Future[BaseTask], leases: tuple[Lease, ...] = ()) -> None:
         super().__init__(task, None, task.priority, task.expiration_time or float("inf"))
         self.task = task
         self.future = future
         self.segments = task.shared_segments()
         self.keep = frozenset(self.segments)  # share_value's segments belong to the task, not to this trip
         self.timer: asyncio.TimerHandle | None = None  # its own deadline timer, when out of order
+        self.leases = leases
+        for lease in leases:
+            lease.retain()
+
+    def release(self) -> None:
+        if self.released or self.in_worker or not self.done:
+            return
+        super().release()
+        for lease in self.leases:
+            lease.release()
 
     @property
     def done(self) -> bool:

@@ -222,7 +222,9 @@ class InferenceEndpoint:
             if request.parameters:
                 timeout = self._apply_parameters(task, request.parameters)
             try:
-                await self.backend.process(task, timeout_sec=timeout)
+                # the flow holds the lease too, until no worker can touch it: freeing ours below never
+                # hands its block to another request while a worker still runs this one (after a 504, say)
+                await self.backend.process(task, timeout_sec=timeout, leases=(lease,) if lease else ())
             except FlowError as e:
                 raise from_engine_error(e) from None
             payload, response_header_length = encode_response(self.settings.name, request, task.outputs)

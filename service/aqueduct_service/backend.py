@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -35,8 +36,8 @@ class FlowBackend(Protocol):
     async def stop(self) -> None:
         """Let requests in flight finish, then let go of the flow."""
 
-    async def process(self, task: BaseTask, timeout_sec: float) -> bool:
-        """``Flow.process``."""
+    async def process(self, task: BaseTask, timeout_sec: float, leases: Sequence[Lease] = ()) -> bool:
+        """``Flow.process``; ``leases`` (from ``lease()``) are held until no worker can use them."""
 
     async def health(self) -> FlowHealth:
         """``Flow.health``."""
@@ -75,8 +76,8 @@ class LocalBackend:
             await asyncio.gather(self._starter, return_exceptions=True)
         await self.flow.stop(graceful=True, timeout=self._graceful_timeout)
 
-    async def process(self, task: BaseTask, timeout_sec: float) -> bool:
-        return await self.flow.process(task, timeout_sec=timeout_sec)
+    async def process(self, task: BaseTask, timeout_sec: float, leases: Sequence[Lease] = ()) -> bool:
+        return await self.flow.process(task, timeout_sec=timeout_sec, leases=leases)
 
     async def health(self) -> FlowHealth:
         return self.flow.health()
@@ -102,8 +103,8 @@ class RemoteBackend:
     async def stop(self) -> None:
         self.remote.close()
 
-    async def process(self, task: BaseTask, timeout_sec: float) -> bool:
-        return await self.remote.process(task, timeout_sec=timeout_sec)
+    async def process(self, task: BaseTask, timeout_sec: float, leases: Sequence[Lease] = ()) -> bool:
+        return await self.remote.process(task, timeout_sec=timeout_sec, leases=leases)
 
     async def health(self) -> FlowHealth:
         return await self.remote.health()

@@ -79,6 +79,19 @@ class InPlaceDiesOnNegative(InPlace):
         super().handle(*tasks)
 
 
+class SlowInPlace(InPlace):
+    """``InPlace`` after sleeping ``sleep`` seconds; kills its own process instead on a value starting below 0."""
+
+    def __init__(self, sleep: float) -> None:
+        self.sleep = sleep
+
+    def handle(self, *tasks: Task) -> None:
+        time.sleep(self.sleep)
+        if any(t.value[0] < 0 for t in tasks):
+            os._exit(139)
+        super().handle(*tasks)
+
+
 class FailingStart(BaseTaskHandler):
     def on_start(self) -> None:
         raise RuntimeError("model file missing")

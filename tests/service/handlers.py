@@ -63,3 +63,21 @@ class DeviceReporter(BaseTaskHandler):
         for task in tasks:
             task.outputs["worker"] = np.array([self.worker_index], dtype=np.int32)
             task.outputs["gpus"] = np.array([os.environ.get("CUDA_VISIBLE_DEVICES", "").encode()])
+
+
+class InPlaceHandler(BaseTaskHandler):
+    """Normalises a tensor in place (``*= 0.5``, a common pre-processing idiom) after sleeping the
+    request's ``sleep`` parameter; answers ``sum_seen``, the tensor's sum as the handler found it.
+
+    The tensor is the request's ``x``, or with ``output: y`` an earlier step's output ``y``.
+    """
+
+    def __init__(self, output: str | None = None) -> None:
+        self.output = output
+
+    def handle(self, *tasks: InferenceTask) -> None:
+        time.sleep(max(float(task.parameters.get("sleep", 0)) for task in tasks))
+        for task in tasks:
+            x = task.outputs[self.output] if self.output else task.inputs["x"]
+            task.outputs["sum_seen"] = np.array([x.sum(dtype=np.float64)])
+            x *= 0.5
