@@ -337,21 +337,31 @@ def _write_status(
     patch = {key: new.get(key) for key in status.OWNED_KEYS}
     cluster.patch_pipeline_status(meta["namespace"], meta["name"], {"status": patch})
     before, after = status.ready_condition(previous), status.ready_condition(new)
+    warned = None
     if (before.get("status"), before.get("reason")) != (after.get("status"), after.get("reason")):
         if after.get("status") == "True":
             emit("Normal", "Ready", after.get("message", ""))
         elif after.get("reason") not in (None, "Reconciling", "ReplicasNotReady", "ScaledToZero"):
-            emit("Warning", after["reason"], after.get("message", ""))
+            warned = after["reason"]
+            emit("Warning", warned, after.get("message", ""))
         else:
             emit("Normal", after.get("reason", "NotReady"), after.get("message", ""))
+    # Degraded while still Ready (e.g. new pods failing during a rollout, old ones serving) warns too.
+    before, after = status.degraded_condition(previous), status.degraded_condition(new)
+    if after.get("status") == "True" and after.get("reason") != warned and (
+        (before.get("status"), before.get("reason")) != ("True", after.get("reason"))
+    ):
+        emit("Warning", after["reason"], after.get("message", ""))
 
 
 def reconcile(
-    cluster: Cluster, namespace: str, name: str, emit: Emit, default_image: str | None = None
+    cluster: Cluster, namespace: str, name: str, emit: Emit, default_image: str | None = None,
+    runtime_images: Mapping[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """Bring the Pipeline ``namespace/name``'s children and status in line with its spec.
 
-    ``default_image`` serves Pipelines without ``spec.image``.
+    ``default_image`` and ``runtime_images`` serve Pipelines without ``spec.image`` (see
+    :func:`aqueduct_operator.spec.parse`).
 
     Returns the status written (or kept), None when the Pipeline is gone or being deleted.
     Transient API failures (5xx, timeouts) propagate, for the caller to retry later.
@@ -363,7 +373,7 @@ def reconcile(
         generation = int(body["metadata"].get("generation") or 0)
         previous = body.get("status") or {}
         try:
-            spec = parse(body, default_image)
+            spec = parse(body, default_image, runtime_images)
         except InvalidSpec as e:
             new = status.failed(generation, status.Failure("InvalidSpec", str(e)), previous, now())
             _write_status(cluster, body, new, emit)
@@ -401,8 +411,8 @@ def reconcile(
             _write_status(cluster, body, new, emit)
             return new
 
-        # Only a downloading init container fails in a way the Deployment's status does not tell.
-        pods = cluster.list_pods(namespace, selector_labels(spec)) if spec.model and spec.model.fetched else []
+        # A failed model download or a serving container exiting 2 shows in the pods, not the Deployment.
+        pods = cluster.list_pods(namespace, selector_labels(spec))
         new = status.compute(spec, deployment, previous, now(), pods)
         _write_status(cluster, body, new, emit)
         return new

@@ -16,15 +16,14 @@ import urllib3.exceptions
 from kubernetes import config
 from kubernetes.client.exceptions import ApiException
 
-from aqueduct_operator import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from aqueduct_operator import API_VERSION, GROUP, KIND, PLURAL, VERSION, images
 from aqueduct_operator.apply import Cluster, reconcile
+from aqueduct_operator.images import IMAGE_ENV
 from aqueduct_operator.render import MANAGED_BY, PIPELINE_LABEL
 
 RESYNC_SECONDS = float(os.environ.get("AQUEDUCT_OPERATOR_RESYNC_SECONDS", "60"))
 RETRY_DELAY = float(os.environ.get("AQUEDUCT_OPERATOR_RETRY_SECONDS", "10"))
 CHILDREN = {"app.kubernetes.io/managed-by": MANAGED_BY}
-# The image a Pipeline without spec.image runs: the operator's own (the Helm chart sets it).
-IMAGE_ENV = "AQUEDUCT_OPERATOR_IMAGE"
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,8 @@ def _run(memo: Any, namespace: str | None, name: str, uid: str | None = None) ->
         kopf.event(ref, type=type_, reason=reason, message=message[:1000])  # type: ignore[arg-type]
 
     try:
-        reconcile(memo.cluster, namespace, name, emit, default_image=os.environ.get(IMAGE_ENV) or None)
+        reconcile(memo.cluster, namespace, name, emit, default_image=os.environ.get(IMAGE_ENV) or None,
+                  runtime_images=images.from_environ(os.environ))
     except ApiException as e:
         raise kopf.TemporaryError(f"API error {e.status} {e.reason}", delay=RETRY_DELAY) from e
     except urllib3.exceptions.HTTPError as e:

@@ -107,9 +107,10 @@ def _number(value: float) -> int | float:
 
 
 def _step(step: Step) -> dict[str, Any]:
+    what = {"handler": step.handler} if step.runtime is None else {"runtime": step.runtime, "model": step.model}
     config: dict[str, Any] = {
         "name": step.name,
-        "handler": step.handler,
+        **what,
         "nprocs": step.nprocs,
         "batch_size": step.batch_size,
         "batch_timeout": _number(step.batch_timeout),
@@ -137,18 +138,23 @@ def serving_config(spec: PipelineSpec) -> dict[str, Any]:
         server["workers"] = spec.workers
     if spec.arena_bytes is not None:
         server["arena_bytes"] = spec.arena_bytes
-    return {
-        "version": 1,
-        "name": spec.name,
-        "steps": [_step(step) for step in spec.steps],
-        "inputs": [_tensor(t) for t in spec.inputs],
-        "outputs": [_tensor(t) for t in spec.outputs],
-        "queue_size": spec.queue_size,
-        "queue_priorities": spec.queue_priorities,
-        "timeout": _number(spec.timeout),
-        "start_timeout": None if spec.start_timeout is None else _number(spec.start_timeout),
-        "server": server,
-    }
+    config: dict[str, Any] = {"version": 1, "name": spec.name, "steps": [_step(step) for step in spec.steps]}
+    # A runtime pipeline's tensors come from its model unless declared (then the pod checks they agree);
+    # a handler pipeline's config keeps its empty lists, so upgrading the operator rolls no pods.
+    has_runtime = any(step.runtime for step in spec.steps)
+    for key, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        if tensors or not has_runtime:
+            config[key] = [_tensor(t) for t in tensors]
+    config.update(
+        queue_size=spec.queue_size,
+        queue_priorities=spec.queue_priorities,
+        timeout=_number(spec.timeout),
+        start_timeout=None if spec.start_timeout is None else _number(spec.start_timeout),
+    )
+    if spec.batch_dim is not None:  # only when set: the pod's default (from its models) otherwise
+        config["batch_dim"] = spec.batch_dim
+    config["server"] = server
+    return config
 
 
 def config_text(spec: PipelineSpec) -> str:
@@ -202,6 +208,8 @@ def deployment(spec: PipelineSpec, checksum: str) -> dict[str, Any]:
         "name": CONTAINER,
         "image": spec.image,
         "args": ["aqueduct-serve", "--config", CONFIG_PATH],
+        # A config or model the pod cannot serve exits 2 with one line on stderr: the operator reports it.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
         "startupProbe": _probe(
             "/v2/health/ready", period=STARTUP_PERIOD, failures=math.ceil(start_timeout / STARTUP_PERIOD) + 5
@@ -503,6 +511,10 @@ def render(spec: PipelineSpec) -> list[dict[str, Any]]:
     return [cm, deployment(spec, config_checksum(cm["data"][CONFIG_FILE])), service(spec), *optional_children(spec)]
 
 
-def desired_objects(body: Mapping[str, Any], default_image: str | None = None) -> list[dict[str, Any]]:
-    """``Pipeline`` object -> desired objects. Raises :class:`~aqueduct_operator.spec.InvalidSpec`."""
-    return render(parse(body, default_image))
+def desired_objects(
+    body: Mapping[str, Any], default_image: str | None = None, runtime_images: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """``Pipeline`` object -> desired objects (images as :func:`~aqueduct_operator.spec.parse` picks them).
+
+    Raises :class:`~aqueduct_operator.spec.InvalidSpec`."""
+    return render(parse(body, default_image, runtime_images))

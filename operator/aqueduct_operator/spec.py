@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from aqueduct_operator.images import RUNTIMES, runtime_image
 from aqueduct_operator.storage import (
     MODEL_PATH_ENV,
     Model,
@@ -69,10 +70,12 @@ SPEC_FIELDS = frozenset(
         "disruption",
         "topologySpreadConstraints",
         "monitoring",
+        "batchDim",
     }
 )
 STEP_FIELDS = frozenset(
-    {"name", "handler", "nprocs", "batchSize", "batchTimeout", "latencyTarget", "handleCondition", "options", "gpus"}
+    {"name", "handler", "runtime", "model", "nprocs", "batchSize", "batchTimeout", "latencyTarget", "handleCondition",
+     "options", "gpus"}
 )
 # What GPUs a step's workers see: all of the pod's, or one each (worker i: GPU i mod G).
 GPU_PLACEMENTS = ("all", "per_worker")
@@ -84,6 +87,8 @@ AUTOSCALING_FIELDS = frozenset(
 ENGINES = ("hpa", "keda")
 # What an autoscaler can follow: the pods' queue depth or in-flight requests (Prometheus), or CPU.
 METRICS = ("queueDepth", "inFlight", "cpu")
+# spec.autoscaling.target of metric cpu when unset: a percentage of the CPU request (kubectl autoscale's default).
+DEFAULT_CPU_TARGET = 80
 TOPOLOGY_FIELDS = frozenset(
     {"maxSkew", "topologyKey", "whenUnsatisfiable", "labelSelector", "minDomains", "matchLabelKeys",
      "nodeAffinityPolicy", "nodeTaintsPolicy"}
@@ -102,8 +107,12 @@ class InvalidSpec(ValueError):
 
 @dataclass(frozen=True)
 class Step:
+    """One step: a handler class (``handler``), or a built-in runtime serving a model file (``runtime``, ``model``)."""
+
     name: str
-    handler: str
+    handler: str | None = None
+    runtime: str | None = None
+    model: str | None = None  # None until parse() fills it in from spec.model
     nprocs: int = 1
     batch_size: int = 1
     batch_timeout: float = 0.0
@@ -181,6 +190,7 @@ class PipelineSpec:
     min_available: int | str | None = None
     topology_spread: tuple[Mapping[str, Any], ...] = ()
     monitoring: Monitoring = field(default_factory=Monitoring)
+    batch_dim: bool | None = None
 
 
 def _is_int(value: Any) -> bool:
@@ -261,8 +271,17 @@ def _step(raw: Any, path: str) -> Step:
     _unknown(obj, STEP_FIELDS, path)
     if "name" not in obj:
         raise InvalidSpec(f"{path}.name", "is required")
-    if "handler" not in obj:
-        raise InvalidSpec(f"{path}.handler", "is required")
+    if ("handler" in obj) == ("runtime" in obj):
+        raise InvalidSpec(f"{path}.handler", "a step needs exactly one of handler (a Python class) and runtime "
+                          f"(one of {', '.join(RUNTIMES)}, serving a model file)")
+    runtime = obj.get("runtime")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise InvalidSpec(f"{path}.runtime", f"must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if "model" in obj and runtime is None:
+        raise InvalidSpec(f"{path}.model", "is only used with runtime (a handler reads its files from its options)")
+    model = None if obj.get("model") is None else _str(obj["model"], f"{path}.model")
+    if model is not None and not model.startswith("/"):
+        raise InvalidSpec(f"{path}.model", f"must be an absolute path in the serving container, got {model!r}")
     name = _str(obj["name"], f"{path}.name")
     if len(name) > 63 or not STEP_NAME_RE.match(name):
         raise InvalidSpec(f"{path}.name", f"must match {STEP_NAME_RE.pattern} (at most 63 characters), got {name!r}")
@@ -273,7 +292,9 @@ def _step(raw: Any, path: str) -> Step:
         raise InvalidSpec(f"{path}.gpus", f"must be one of {', '.join(GPU_PLACEMENTS)}, got {gpus!r}")
     return Step(
         name=name,
-        handler=_import_ref(obj["handler"], f"{path}.handler", "a handler class:ClassName"),
+        handler=None if runtime else _import_ref(obj["handler"], f"{path}.handler", "a handler class:ClassName"),
+        runtime=runtime,
+        model=model,
         nprocs=_int(obj.get("nprocs", 1), f"{path}.nprocs", lo=1, hi=64),
         batch_size=_int(obj.get("batchSize", 1), f"{path}.batchSize", lo=1, hi=4096),
         batch_timeout=_number(obj.get("batchTimeout", 0), f"{path}.batchTimeout", lo=0, hi=60),
@@ -376,7 +397,17 @@ def _tolerations(raw: Any, path: str) -> tuple[Mapping[str, Any], ...]:
     return tuple(result)
 
 
-def _autoscaling(raw: Any, path: str, spec: Mapping[str, Any]) -> Autoscaling:
+def default_target(metric: str, steps: tuple[Step, ...]) -> float:
+    """``spec.autoscaling.target`` when unset, per pod: queueDepth, one full batch waiting for each worker of the
+    first step (its batchSize x nprocs); inFlight, twice that (one batch being handled, one waiting); cpu, 80 %."""
+    if metric == "cpu":
+        return float(DEFAULT_CPU_TARGET)
+    first = steps[0]
+    per_worker_batches = 1 if metric == "queueDepth" else 2
+    return float(first.batch_size * first.nprocs * per_worker_batches)
+
+
+def _autoscaling(raw: Any, path: str, spec: Mapping[str, Any], steps: tuple[Step, ...]) -> Autoscaling:
     obj = _mapping(raw, path)
     _unknown(obj, AUTOSCALING_FIELDS, path)
     engine = obj.get("engine", "hpa")
@@ -395,14 +426,17 @@ def _autoscaling(raw: Any, path: str, spec: Mapping[str, Any]) -> Autoscaling:
         raise InvalidSpec(f"{path}.minReplicas", "0 needs engine: keda (a HorizontalPodAutoscaler keeps one pod)")
     if min_replicas == 0 and metric == "cpu":
         raise InvalidSpec(f"{path}.minReplicas", "0 needs a Prometheus metric: no pod, no CPU to scale up from")
+    if obj.get("target") is None:
+        target = default_target(metric, steps)
+    elif metric == "cpu":
+        target = float(_int(obj["target"], f"{path}.target", lo=1, hi=1000))
+    else:
+        target = _number(obj["target"], f"{path}.target", lo=0, hi=1e6, exclusive_lo=True)
     if metric == "cpu":
-        target = float(_int(obj.get("target"), f"{path}.target", lo=1, hi=1000))
         requests = _mapping((spec.get("resources") or {}).get("requests") or {}, "spec.resources.requests")
         if "cpu" not in requests:
             raise InvalidSpec("spec.resources.requests.cpu", "is required with autoscaling.metric cpu "
                               "(the target is a percentage of it)")
-    else:
-        target = _number(obj.get("target"), f"{path}.target", lo=0, hi=1e6, exclusive_lo=True)
     prometheus = obj.get("prometheus")
     query = obj.get("query")
     if engine == "keda" and metric != "cpu" and prometheus is None:
@@ -463,10 +497,50 @@ def _monitoring(raw: Any, path: str) -> Monitoring:
     )
 
 
-def parse(body: Mapping[str, Any], default_image: str | None = None) -> PipelineSpec:
+def _image(
+    spec: Mapping[str, Any], steps: tuple[Step, ...], default_image: str | None, runtime_images: Mapping[str, str]
+) -> str:
+    """``spec.image``; else the image of the steps' runtime; else (handlers only) the operator's image."""
+    if "image" in spec:
+        return _str(spec["image"], "spec.image")
+    runtimes = tuple(dict.fromkeys(step.runtime for step in steps if step.runtime))
+    if not runtimes:
+        if not default_image:
+            raise InvalidSpec("spec.image", "is required (the operator has no default image)")
+        return default_image
+    images = {runtime: runtime_image(runtime, default_image, runtime_images) for runtime in runtimes}
+    for runtime, image in images.items():
+        if image is None:
+            raise InvalidSpec("spec.image", f"is required: the operator has no image for runtime {runtime} "
+                                            f"(chart value runtimeImages.{runtime})")
+    distinct = sorted({str(image) for image in images.values()})
+    if len(distinct) > 1:
+        raise InvalidSpec("spec.image", f"is required: the steps use runtimes {', '.join(runtimes)}, which different "
+                                        f"images serve ({', '.join(distinct)}); name one that holds all of them")
+    return distinct[0]
+
+
+def _step_models(steps: tuple[Step, ...], model: Model | None) -> tuple[Step, ...]:
+    """Runtime steps without ``model`` serve ``spec.model`` (the path the pod gets as MODEL_PATH)."""
+    result = []
+    for i, step in enumerate(steps):
+        if step.runtime and step.model is None:
+            if model is None:
+                raise InvalidSpec(f"spec.steps[{i}].model", "is required with runtime, unless spec.model "
+                                                            "(storageUri) gives the model file")
+            step = replace(step, model=model.path)
+        result.append(step)
+    return tuple(result)
+
+
+def parse(
+    body: Mapping[str, Any], default_image: str | None = None, runtime_images: Mapping[str, str] | None = None
+) -> PipelineSpec:
     """Validate a ``Pipeline`` object (as the API returns it) into a :class:`PipelineSpec`.
 
-    ``default_image`` serves a Pipeline without ``spec.image`` (the operator passes its own image).
+    Without ``spec.image``, a Pipeline with runtime steps runs its runtime's image (``runtime_images``, by
+    runtime name; one not given is derived from ``default_image``, see :mod:`aqueduct_operator.images`),
+    and a Pipeline of handlers only runs ``default_image`` (the operator passes its own image).
 
     Raises:
         InvalidSpec: naming the first offending field.
@@ -483,8 +557,6 @@ def parse(body: Mapping[str, Any], default_image: str | None = None) -> Pipeline
     if spec is None:
         raise InvalidSpec("spec", "is required")
     _unknown(spec, SPEC_FIELDS, "spec")
-    if "image" not in spec and not default_image:
-        raise InvalidSpec("spec.image", "is required (the operator has no default image)")
     if "steps" not in spec:
         raise InvalidSpec("spec.steps", "is required")
 
@@ -538,6 +610,10 @@ def parse(body: Mapping[str, Any], default_image: str | None = None) -> Pipeline
         for i, item in enumerate(env):
             if item["name"] == MODEL_PATH_ENV:
                 raise InvalidSpec(f"spec.env[{i}].name", f"{MODEL_PATH_ENV} is set by the operator from spec.model")
+    steps = _step_models(steps, model)
+    batch_dim = spec.get("batchDim")
+    if batch_dim is not None and not isinstance(batch_dim, bool):
+        raise InvalidSpec("spec.batchDim", f"must be true or false, got {batch_dim!r}")
     disruption = _mapping(spec.get("disruption") or {}, "spec.disruption")
     _unknown(disruption, frozenset({"minAvailable"}), "spec.disruption")
 
@@ -546,7 +622,7 @@ def parse(body: Mapping[str, Any], default_image: str | None = None) -> Pipeline
         namespace=str(meta.get("namespace") or "default"),
         uid=str(meta.get("uid", "")),
         generation=int(meta.get("generation") or 0),
-        image=_str(spec["image"], "spec.image") if "image" in spec else str(default_image),
+        image=_image(spec, steps, default_image, runtime_images or {}),
         image_pull_policy=pull_policy,
         steps=steps,
         replicas=_int(spec.get("replicas", 1), "spec.replicas", lo=0, hi=1000),
@@ -584,10 +660,11 @@ def parse(body: Mapping[str, Any], default_image: str | None = None) -> Pipeline
         drain_delay=_number(server.get("drainDelay", 5), "spec.server.drainDelay", lo=0, hi=300),
         autoscaling=None
         if spec.get("autoscaling") is None
-        else _autoscaling(spec["autoscaling"], "spec.autoscaling", spec),
+        else _autoscaling(spec["autoscaling"], "spec.autoscaling", spec, steps),
         min_available=None
         if disruption.get("minAvailable") is None
         else _min_available(disruption["minAvailable"], "spec.disruption.minAvailable"),
         topology_spread=_topology_spread(spec.get("topologySpreadConstraints", []), "spec.topologySpreadConstraints"),
         monitoring=_monitoring(spec.get("monitoring") or {}, "spec.monitoring"),
+        batch_dim=batch_dim,
     )

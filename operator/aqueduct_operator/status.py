@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aqueduct_operator import storage
-from aqueduct_operator.render import selector_string, url
+from aqueduct_operator.render import CONTAINER, selector_string, url
 from aqueduct_operator.spec import PipelineSpec
 
 READY = "Ready"
@@ -20,6 +20,12 @@ PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
 MODEL_FETCH_FAILED = "ModelFetchFailed"
+# The serving container exited with status 2: its config, a model file or a runtime cannot be served.
+SERVE_FAILED = "ServingConfigInvalid"
+CONFIG_ERROR_EXIT = 2
+# The pod's one-line error (aqueduct-serve prints "aqueduct-serve: <what>" to stderr before exiting 2).
+SERVE_ERROR_PREFIX = "aqueduct-serve:"
+MESSAGE_LIMIT = 2000
 # Keys of .status this operator owns (anything else, e.g. kopf's bookkeeping, is left alone).
 OWNED_KEYS = ("observedGeneration", "replicas", "desiredReplicas", "readyReplicas", "selector", "url", "conditions")
 
@@ -78,6 +84,48 @@ def _deployment_condition(deployment: Mapping[str, Any], kind: str) -> Mapping[s
     return _by_type((deployment.get("status") or {}).get("conditions")).get(kind, {})
 
 
+def _terminations(
+    pods: Sequence[Mapping[str, Any]], statuses: str, container: str
+) -> list[tuple[str, Mapping[str, Any]]]:
+    """(pod name, latest termination) of ``container`` in each pod, by pod name: its state, or while it waits to
+    restart (CrashLoopBackOff) its last state."""
+    found = []
+    for pod in sorted(pods, key=lambda p: str((p.get("metadata") or {}).get("name"))):
+        for status in (pod.get("status") or {}).get(statuses) or []:
+            if status.get("name") == container:
+                state = status.get("state") or {}
+                last = (status.get("lastState") or {}) if "waiting" in state else state
+                found.append((str((pod.get("metadata") or {}).get("name")), last.get("terminated") or {}))
+    return found
+
+
+def fetch_failure(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """What went wrong in a pod whose model download failed (the first such pod by name); None if none did."""
+    for name, terminated in _terminations(pods, "initContainerStatuses", storage.FETCH_CONTAINER):
+        if terminated.get("exitCode", 0) != 0:
+            detail = str(terminated.get("message") or terminated.get("reason") or "").strip()
+            code = terminated["exitCode"]
+            return f"pod {name}: init container {storage.FETCH_CONTAINER} failed (exit code {code}): {detail}"
+    return None
+
+
+def _serve_error(message: str) -> str:
+    """The pod's own error from a termination message (the log tail): from its last ``aqueduct-serve:`` line on."""
+    lines = message.strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(SERVE_ERROR_PREFIX)]
+    text = "\n".join(lines[starts[-1]:] if starts else lines)
+    return text if len(text) <= MESSAGE_LIMIT else "..." + text[-MESSAGE_LIMIT:]
+
+
+def serve_failure(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """What a pod whose serving container exited with status 2 said (the first such pod by name); None if none."""
+    for name, terminated in _terminations(pods, "containerStatuses", CONTAINER):
+        if terminated.get("exitCode") == CONFIG_ERROR_EXIT:
+            detail = _serve_error(str(terminated.get("message") or terminated.get("reason") or ""))
+            return f"pod {name}: the serving container cannot start (exit code {CONFIG_ERROR_EXIT}): {detail}"
+    return None
+
+
 def desired_replicas(spec: PipelineSpec, deployment: Mapping[str, Any] | None) -> int:
     """spec.replicas; with autoscaling, what the autoscaler last asked of the Deployment."""
     if spec.autoscaling is None:
@@ -95,9 +143,10 @@ def compute(
 ) -> dict[str, Any]:
     """Status of a valid Pipeline whose children are applied, from its Deployment (None: not there yet).
 
-    ``pods`` are the Pipeline's pods, read when an init container downloads the model: a failed
-    download makes the Pipeline Degraded (and not Ready while replicas are missing) with reason
-    ``ModelFetchFailed`` and the fetcher's message.
+    ``pods`` are the Pipeline's pods. A failed model download (init container) makes the Pipeline Degraded
+    (and not Ready while replicas are missing) with reason ``ModelFetchFailed`` and the fetcher's message; a
+    serving container that exited with status 2 (config, model file or runtime it cannot serve) the same, with
+    reason ``ServingConfigInvalid`` and the pod's error line.
     """
     before = _by_type(previous.get("conditions"))
     gen = spec.generation
@@ -120,9 +169,14 @@ def compute(
             failure = (progressing.get("reason") or "ProgressDeadlineExceeded", progressing.get("message", ""))
         elif replica_failure.get("status") == "True":
             failure = (replica_failure.get("reason") or "ReplicaFailure", replica_failure.get("message", ""))
-    fetch_failure = storage.fetch_failure(pods)
-    if fetch_failure is not None and failure is None:
-        failure = (MODEL_FETCH_FAILED, fetch_failure)
+    pod_failure: tuple[str, str] | None = None
+    fetch_failed, serve_failed = fetch_failure(pods), serve_failure(pods)
+    if fetch_failed is not None:
+        pod_failure = (MODEL_FETCH_FAILED, fetch_failed)
+    elif serve_failed is not None:
+        pod_failure = (SERVE_FAILED, serve_failed)
+    if pod_failure is not None:  # what the pods say is more precise than a rollout's deadline
+        failure = pod_failure
 
     rolled_out = observed and updated >= desired and replicas == desired and available >= desired
     if deployment is None:
@@ -132,8 +186,8 @@ def compute(
         ready_c = (False, "ScaledToZero", why)
     elif ready >= desired and available >= desired:
         ready_c = (True, "AllReplicasReady", f"{ready}/{desired} replicas ready")
-    elif fetch_failure is not None:
-        ready_c = (False, MODEL_FETCH_FAILED, fetch_failure)
+    elif pod_failure is not None:
+        ready_c = (False, *pod_failure)
     else:
         ready_c = (False, "ReplicasNotReady", f"{ready}/{desired} replicas ready")
     if rolled_out:
@@ -165,3 +219,7 @@ def changed(previous: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 def ready_condition(status: Mapping[str, Any]) -> Mapping[str, Any]:
     return _by_type(status.get("conditions")).get(READY, {})
+
+
+def degraded_condition(status: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _by_type(status.get("conditions")).get(DEGRADED, {})

@@ -219,22 +219,3 @@ def fetch_container(model: Model, image: str, security_context: Mapping[str, Any
     if model.s3.secret_name:
         container["envFrom"] = [{"secretRef": {"name": model.s3.secret_name}}]
     return container
-
-
-def fetch_failure(pods: Sequence[Mapping[str, Any]]) -> str | None:
-    """What went wrong in a pod whose model download failed (the first such pod by name); None if none did."""
-    for pod in sorted(pods, key=lambda p: str((p.get("metadata") or {}).get("name"))):
-        statuses = (pod.get("status") or {}).get("initContainerStatuses") or []
-        for status in statuses:
-            if status.get("name") != FETCH_CONTAINER:
-                continue
-            state = status.get("state") or {}
-            # Waiting (e.g. CrashLoopBackOff) after a failure: the failure is the last state.
-            last = (status.get("lastState") or {}) if "waiting" in state else state
-            terminated = last.get("terminated") or {}
-            if terminated.get("exitCode", 0) != 0:
-                name = (pod.get("metadata") or {}).get("name")
-                detail = str(terminated.get("message") or terminated.get("reason") or "").strip()
-                code = terminated["exitCode"]
-                return f"pod {name}: init container {FETCH_CONTAINER} failed (exit code {code}): {detail}"
-    return None

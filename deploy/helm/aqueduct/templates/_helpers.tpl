@@ -61,6 +61,25 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+The image of a runtime's steps (dict "root" . "runtime" NAME): runtimeImages.NAME, else
+<repository>-<family>:<tag>, where xgboost and lightgbm are served by the sklearn image (family sklearn).
+The operator derives the same name from its own image when an AQUEDUCT_RUNTIME_IMAGE_* variable is missing.
+*/}}
+{{- define "aqueduct.runtimeImage" -}}
+{{- $values := .root.Values }}
+{{- $family := .runtime }}
+{{- if has .runtime (list "xgboost" "lightgbm") }}
+{{- $family = "sklearn" }}
+{{- end }}
+{{- $derived := printf "%s-%s:%s" $values.image.repository $family (default .root.Chart.AppVersion $values.image.tag) }}
+{{- $own := index $values.runtimeImages .runtime | default "" }}
+{{- if and (not $own) (ne $family .runtime) }}
+{{- $own = index $values.runtimeImages $family | default "" }}
+{{- end }}
+{{- default $derived $own }}
+{{- end }}
+
+{{/*
 The operator's RBAC rules, from the single source files/operator-rbac-rules.yaml (a YAML list of PolicyRules).
 Fails the render if the file is missing or not a list.
 */}}
