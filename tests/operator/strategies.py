@@ -16,6 +16,8 @@ OPTION_VALUE = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(IDENT, inner, max_size=3),
     max_leaves=6,
 )
+RUNTIMES = ["onnx", "torch", "sklearn", "xgboost", "lightgbm"]
+MODEL_PATH = st.from_regex(r"(/[A-Za-z0-9_.-]{1,12}){1,4}", fullmatch=True)
 QUANTITY = st.one_of(
     st.integers(1, 64),
     st.sampled_from(["100m", "500m", "1", "2", "0.5", "128Mi", "1Gi", "2G", "1.5Gi"]),
@@ -27,7 +29,12 @@ def steps(draw: st.DrawFn) -> list[dict[str, Any]]:
     names = draw(st.lists(STEP_NAME, min_size=1, max_size=4, unique=True))
     result = []
     for name in names:
-        step: dict[str, Any] = {"name": name, "handler": draw(REF)}
+        step: dict[str, Any] = {"name": name}
+        if draw(st.booleans()):
+            step["handler"] = draw(REF)
+        else:
+            step["runtime"] = draw(st.sampled_from(RUNTIMES))
+            step["model"] = draw(MODEL_PATH)
         if draw(st.booleans()):
             step["nprocs"] = draw(st.integers(1, 64))
         if draw(st.booleans()):
@@ -88,6 +95,11 @@ def pipelines(draw: st.DrawFn) -> dict[str, Any]:
             {"storageUri": "https://models.example.com/r50.pt", "sha256": "0" * 64},
             {"storageUri": "s3://bucket/r50.pt", "s3": {"endpoint": "http://minio:9000", "secretName": "creds"}},
         ]))
+        for step in spec["steps"]:  # a runtime step without model serves spec.model's file
+            if "runtime" in step and draw(st.booleans()):
+                del step["model"]
+    if draw(st.booleans()):
+        spec["batchDim"] = draw(st.booleans())
     if draw(st.booleans()):
         spec["volumes"] = [{"name": "cache", "emptyDir": {}}]
         spec["volumeMounts"] = [{"name": "cache", "mountPath": "/var/cache/models", "readOnly": draw(st.booleans())}]
@@ -120,10 +132,11 @@ def autoscaling(draw: st.DrawFn) -> dict[str, Any]:
     metric = draw(st.sampled_from(["queueDepth", "inFlight", "cpu"]))
     low = draw(st.integers(1, 10))
     auto: dict[str, Any] = {"minReplicas": low, "maxReplicas": draw(st.integers(low, 50)), "metric": metric}
-    if metric == "cpu":
-        auto["target"] = draw(st.integers(1, 200))
-    else:
-        auto["target"] = draw(st.one_of(st.integers(1, 1000), st.floats(0.01, 1000, allow_nan=False)))
+    if draw(st.booleans()):  # else the operator's default target
+        if metric == "cpu":
+            auto["target"] = draw(st.integers(1, 200))
+        else:
+            auto["target"] = draw(st.one_of(st.integers(1, 1000), st.floats(0.01, 1000, allow_nan=False)))
     if draw(st.booleans()):
         auto["scaleDownStabilizationSeconds"] = draw(st.integers(0, 3600))
     return auto

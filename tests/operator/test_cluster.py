@@ -59,3 +59,22 @@ def test_cel_rejects_duplicate_step_names(namespace: str) -> None:
     body["spec"]["steps"].append(dict(body["spec"]["steps"][0]))
     result = kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(body), check=False)
     assert result.returncode != 0 and "step names must be unique" in result.stderr
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ({"name": "a", "handler": "m:C", "runtime": "onnx", "model": "/m.onnx"}, "exactly one of handler and runtime"),
+    ({"name": "a"}, "exactly one of handler and runtime"),
+    ({"name": "a", "handler": "m:C", "model": "/m.onnx"}, "model is only used with runtime"),
+])
+def test_cel_rejects_a_step_that_is_not_handler_or_runtime(namespace: str, step: dict, message: str) -> None:
+    body = crd.load_yaml(crd.EXAMPLES / "pipeline.yaml")
+    body["spec"]["steps"] = [step]
+    result = kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(body), check=False)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_server_accepts_a_runtime_pipeline_with_default_autoscaling(namespace: str) -> None:
+    body = crd.load_yaml(crd.EXAMPLES / "pipeline.yaml")
+    body["spec"].update(steps=[{"name": "model", "runtime": "onnx", "model": "/models/net.onnx"}], batchDim=True,
+                        autoscaling={"minReplicas": 1, "maxReplicas": 8})
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(body))

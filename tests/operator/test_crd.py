@@ -70,6 +70,29 @@ def test_invalid_examples_are_rejected(path: pathlib.Path) -> None:
         assert not schema_errors and operator_error is not None
 
 
+def test_runtime_pipelines_pass_the_schema() -> None:
+    body = crd.load_yaml(crd.EXAMPLES / "pipeline.yaml")
+    del body["spec"]["image"]
+    body["spec"].update(
+        steps=[{"name": "pre", "handler": "pkg.pre:Normalize"},
+               {"name": "model", "runtime": "sklearn", "batchSize": 64, "options": {"method": "predict_proba"}}],
+        model={"storageUri": "pvc://models/iris.skops"}, batchDim=True,
+        autoscaling={"minReplicas": 1, "maxReplicas": 8},  # no target: the operator's default
+    )
+    assert crd.errors(body) == []
+    assert parse(body, default_image="aqueduct:dev").steps[1].model == "/mnt/models/iris.skops"
+
+
+def test_step_cel_rules_say_handler_or_runtime() -> None:
+    """Exactly one of handler / runtime, model only with runtime: CEL rules the API server evaluates (checked on a
+    cluster by test_cluster.py; the operator's InvalidSpec by test_runtimes.py)."""
+    step = crd.openapi_schema()["properties"]["spec"]["properties"]["steps"]["items"]
+    assert step["required"] == ["name"]
+    rules = {rule["rule"]: rule["message"] for rule in step["x-kubernetes-validations"]}
+    assert rules == {"has(self.handler) != has(self.runtime)": "a step needs exactly one of handler and runtime",
+                     "!has(self.model) || has(self.runtime)": "model is only used with runtime"}
+
+
 @pytest.mark.parametrize(("patch", "where"), [
     ({"replicas": -1}, "spec.replicas"),
     ({"replicas": "two"}, "spec.replicas"),
@@ -86,6 +109,11 @@ def test_invalid_examples_are_rejected(path: pathlib.Path) -> None:
     ({"steps": [{"name": "a", "handler": "m:C", "options": [1]}]}, "spec.steps.0.options"),
     ({"resources": {"limits": {"memory": "lots"}}}, "spec.resources.limits.memory"),
     ({"steps": [{"name": "a", "handler": "m:C", "batchTimeout": 61}]}, "spec.steps.0.batchTimeout"),
+    ({"steps": [{"name": "a", "runtime": "tensorflow", "model": "/m.pb"}]}, "spec.steps.0.runtime"),
+    ({"steps": [{"name": "a", "runtime": "onnx", "model": ""}]}, "spec.steps.0.model"),
+    ({"steps": [{"name": "a", "runtime": "onnx", "model": 3}]}, "spec.steps.0.model"),
+    ({"batchDim": "yes"}, "spec.batchDim"),
+    ({"autoscaling": {"minReplicas": 1}}, "spec.autoscaling"),  # maxReplicas is still required
 ])
 def test_schema_rejections(patch: dict, where: str) -> None:
     body = crd.load_yaml(crd.EXAMPLES / "pipeline.yaml")

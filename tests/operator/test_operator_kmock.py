@@ -359,3 +359,78 @@ async def test_an_autoscaler_the_cluster_does_not_serve_is_reported(tmp_path: An
     assert ready["status"] == "False" and ready["reason"] == "ApplyFailed"
     assert ready["message"].startswith("ScaledObject scaled: ") and "keda.sh/v1alpha1 ScaledObject" in ready["message"]
     assert ("Warning", "ApplyFailed", ready["message"]) in events
+
+
+async def test_a_runtime_pipeline_runs_its_runtimes_image_and_reports_a_model_it_cannot_load(
+    kube: Kube, operator: OperatorThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No image, no handler: the sklearn image serves spec.model's file; a pod exiting 2 shows on the Pipeline."""
+    monkeypatch.setenv(IMAGE_ENV, "registry.example.com/aqueduct:0.2.0")
+    monkeypatch.setenv("AQUEDUCT_RUNTIME_IMAGE_SKLEARN", "registry.example.com/aqueduct-sklearn:0.2.0")
+    body = pipeline("iris", model={"storageUri": "pvc://models/iris/iris.skops"}, batchDim=True,
+                    steps=[{"name": "model", "runtime": "sklearn", "batchSize": 64, "batchTimeout": 0.002,
+                            "options": {"method": "predict_proba"}}],
+                    autoscaling={"minReplicas": 1, "maxReplicas": 8})
+    for key in ("image", "inputs", "outputs"):
+        del body["spec"][key]
+    await create(kube, body)
+
+    dep = await wait_for(lambda: read(kube, "Deployment", "iris"), what="the Deployment")
+    template = dep["spec"]["template"]
+    (serve,) = template["spec"]["containers"]
+    assert serve["image"] == "registry.example.com/aqueduct-sklearn:0.2.0"
+    assert serve["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    cm = await wait_for(lambda: read(kube, "ConfigMap", "iris-config"), what="the ConfigMap")
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    assert config["steps"][0]["runtime"] == "sklearn" and config["steps"][0]["model"] == "/mnt/models/iris/iris.skops"
+    assert config["steps"][0]["options"] == {"method": "predict_proba"} and "handler" not in config["steps"][0]
+    assert config["batch_dim"] is True and "inputs" not in config
+    hpa = await wait_for(lambda: read(kube, "HorizontalPodAutoscaler", "iris"), what="the HPA")
+    assert hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "64"  # one batch waiting per worker
+
+    # The first pod serves; then a rollout's new pod cannot load its model and exits 2 (the kubelet's part).
+    await asyncio.to_thread(
+        kube.apps.patch_namespaced_deployment_status, "iris", NS,
+        {"status": {"observedGeneration": dep["metadata"]["generation"], "replicas": 1, "readyReplicas": 1,
+                    "availableReplicas": 1, "updatedReplicas": 1}},
+        _content_type="application/merge-patch+json",
+    )
+    await wait_for(lambda: condition(get_pipeline(kube, "iris"), "Ready").get("status") == "True", what="Ready")
+    await wait_for(lambda: any(r.url.path.endswith("/pods") and r.params.get("watch") == "true"
+                               for r in kube.shim.requests), what="kopf watching pods")
+    await asyncio.to_thread(kube.core.create_namespaced_pod, NS, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "iris-6b7d-q8z2c", "labels": template["metadata"]["labels"]},
+        "spec": template["spec"],
+    })
+    error = "aqueduct-serve: steps[0] (model): runtime 'sklearn': model file '/mnt/models/iris/iris.skops' is corrupt"
+    await asyncio.to_thread(
+        kube.core.patch_namespaced_pod_status, "iris-6b7d-q8z2c", NS,
+        {"status": {"phase": "Running", "containerStatuses": [{
+            "name": "serve", "ready": False, "restartCount": 3, "image": serve["image"], "imageID": "",
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 2, "reason": "Error", "message": f"{error}\n"}},
+        }]}},
+        _content_type="application/merge-patch+json",
+    )
+    body = await wait_for(lambda: condition(b := get_pipeline(kube, "iris"), "Degraded").get("reason")
+                          == "ServingConfigInvalid" and b, what="Degraded=True ServingConfigInvalid")
+    assert condition(body, "Ready")["status"] == "True"  # the old pod still serves
+    degraded = condition(body, "Degraded")["message"]
+    assert error in degraded and "iris-6b7d-q8z2c" in degraded
+
+    def warnings() -> list[Any]:
+        return [e for e in kube.core.list_namespaced_event(NS).items
+                if e.involved_object.name == "iris" and e.reason == "ServingConfigInvalid" and e.type == "Warning"]
+
+    events = await wait_for(warnings, what="a ServingConfigInvalid Warning event")
+    assert error in events[0].message
+
+    # The old pod goes: the Pipeline is not Ready, and says why.
+    await asyncio.to_thread(
+        kube.apps.patch_namespaced_deployment_status, "iris", NS,
+        {"status": {"readyReplicas": 0, "availableReplicas": 0}}, _content_type="application/merge-patch+json",
+    )
+    body = await wait_for(lambda: condition(b := get_pipeline(kube, "iris"), "Ready").get("reason")
+                          == "ServingConfigInvalid" and b, what="Ready=False ServingConfigInvalid")
+    assert condition(body, "Ready")["status"] == "False" and error in condition(body, "Ready")["message"]

@@ -9,6 +9,7 @@ from aqueduct_operator import render
 from aqueduct_operator.render import desired_objects
 from aqueduct_operator.spec import InvalidSpec, parse
 
+from tests.operator import crd
 from tests.operator.test_render import by_kind, example
 
 
@@ -37,6 +38,41 @@ def test_in_flight_and_cpu_targets() -> None:
     (metric,) = by_kind(desired_objects(body))["HorizontalPodAutoscaler"]["spec"]["metrics"]
     assert metric == {"type": "Resource",
                       "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}
+
+
+def target_of(body: dict[str, Any]) -> float:
+    auto = parse(body).autoscaling
+    assert auto is not None
+    return auto.target
+
+
+def test_replica_bounds_alone_autoscale_on_a_target_from_the_first_steps_batches() -> None:
+    body = example()  # one step: batchSize 20, nprocs 1
+    body["spec"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 8}
+    assert crd.errors(body) == []
+    hpa = by_kind(desired_objects(body))["HorizontalPodAutoscaler"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 8)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["pods"] == {"metric": {"name": "aqueduct_queue_depth"},
+                              "target": {"type": "AverageValue", "averageValue": "20"}}
+
+    # One full batch waiting per worker of the first step: batchSize x nprocs; later steps do not count.
+    body["spec"]["steps"][0]["nprocs"] = 3
+    body["spec"]["steps"].append({"name": "post", "handler": "pkg.mod:Post", "batchSize": 500})
+    assert target_of(body) == 60
+    body["spec"]["autoscaling"]["metric"] = "inFlight"  # one batch in the handler, one waiting
+    assert target_of(body) == 120
+    body["spec"]["autoscaling"]["metric"] = "cpu"
+    body["spec"]["resources"] = {"requests": {"cpu": "1"}}
+    (metric,) = by_kind(desired_objects(body))["HorizontalPodAutoscaler"]["spec"]["metrics"]
+    assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 80}
+    body["spec"]["autoscaling"] = {"engine": "keda", "maxReplicas": 4, "prometheus": "http://prometheus:9090"}
+    assert crd.errors(body) == []
+    (trigger,) = by_kind(desired_objects(body))["ScaledObject"]["spec"]["triggers"]
+    assert trigger["metadata"]["threshold"] == "60"
+    # A target given is kept.
+    body["spec"]["autoscaling"]["target"] = 7
+    assert target_of(body) == 7
 
 
 def test_keda_scaled_object_with_a_prometheus_trigger_may_scale_to_zero() -> None:
