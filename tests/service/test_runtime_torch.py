@@ -53,6 +53,20 @@ class Fixed(torch.nn.Module):
         return {"total": (tokens * weights).sum(dim=1), "first": tokens[:, 0]}
 
 
+class Camera(torch.nn.Module):
+    """uint8 HWC images in, normalised in the model (a float32 tensor it makes itself), scores out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1))
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float() / 255 - self.mean
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
 class Single(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2
@@ -81,6 +95,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     mlp = Mlp().eval()
     torch.jit.save(torch.jit.script(mlp), folder / "mlp.pt")
     torch.save(mlp.state_dict(), folder / "state_dict.pt")
+    images = torch.zeros(2, 6, 6, 3, dtype=torch.uint8)
+    camera = torch.export.export(Camera().eval(), (images,), dynamic_shapes={"image": {0: batch}})
+    torch.export.save(camera, folder / "camera.pt2")
     (folder / "notes.txt").write_text("not a model")
     data = (folder / "conv.pt2").read_bytes()
     (folder / "truncated.pt2").write_bytes(data[: len(data) // 2])
@@ -253,6 +270,18 @@ def test_bf16_on_the_cpu_answers_in_the_declared_datatype(models: dict[str, Path
     assert reduced["output__0"].dtype == np.float32
     np.testing.assert_allclose(reduced["output__0"], exact["output__0"], rtol=0.05, atol=0.05)
     assert not np.array_equal(reduced["output__0"], exact["output__0"])  # it did run in bfloat16
+
+
+def test_bf16_for_a_model_that_makes_its_own_float32_tensors(models: dict[str, Path]) -> None:
+    """A uint8 image normalised in the model meets bfloat16 weights: autocast carries it across."""
+    runtime = started(TorchRuntime(str(models["camera"]), dtype="bf16"))
+    assert runtime.metadata().inputs == (TensorSpec("image", "UINT8", (-1, 6, 6, 3)),)
+    images = np.random.default_rng(5).integers(0, 256, (3, 6, 6, 3), dtype=np.uint8)
+    task = InferenceTask({"image": images})
+    runtime.handle(task)
+    exact = started(TorchRuntime(str(models["camera"]))).run({"image": images})["output__0"]
+    assert task.outputs["output__0"].dtype == np.float32
+    np.testing.assert_allclose(task.outputs["output__0"], exact, rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ torch is imported inside the methods, so that this module imports in an image wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -81,7 +82,8 @@ class TorchRuntime(ModelRuntime):
         model: the model file.
         device: ``cpu`` (default), ``cuda`` or ``cuda:N``, numbered among the GPUs the worker sees.
         dtype: ``fp32`` (default: the model as saved), ``fp16`` (CUDA only) or ``bf16``: the model's
-            floating-point parameters and buffers, and its floating-point inputs, are cast to it.
+            floating-point parameters and buffers, and its floating-point inputs, are cast to it, and
+            it runs under ``torch.autocast`` to that dtype.
     """
 
     name = "torch"
@@ -94,6 +96,7 @@ class TorchRuntime(ModelRuntime):
         self._signature: _Signature | None = None
         self._module: Any = None
         self._device: torch.device | None = None
+        self._precision: torch.dtype | None = None
         self._inputs: list[tuple[str, torch.dtype]] = []
         self._outputs: list[tuple[str, torch.dtype]] = []
 
@@ -173,7 +176,8 @@ class TorchRuntime(ModelRuntime):
             module = torch.jit.load(self.model_path, map_location=device).eval()  # type: ignore[no-untyped-call]
         precision_name = PRECISIONS[self.dtype]
         if precision_name is not None:
-            module = module.to(getattr(torch, precision_name))
+            self._precision = getattr(torch, precision_name)
+            module = module.to(self._precision)
         metadata = self.metadata()
         self._inputs = [
             (spec.name, getattr(torch, precision_name if precision_name and dtype in _FLOATS else dtype))
@@ -190,7 +194,11 @@ class TorchRuntime(ModelRuntime):
         signature = self._signature
         device = self._device
         assert signature is not None and device is not None, "load() runs before run()"
-        with torch.inference_mode():
+        # Autocast carries a float32 tensor the model makes itself (from a uint8 image, say) into the
+        # reduced-precision convolutions and matrix products that follow.
+        precision = self._precision
+        autocast = contextlib.nullcontext() if precision is None else torch.autocast(device.type, precision)
+        with torch.inference_mode(), autocast:
             tensors = {name: _to_torch(inputs[name], device, dtype) for name, dtype in self._inputs}
             result = self._module(
                 *(tensors[name] for name in signature.positional),
