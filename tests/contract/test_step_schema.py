@@ -13,7 +13,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from aqueduct_operator.images import RUNTIMES
 from aqueduct_operator.render import desired_objects
+from aqueduct_operator.spec import InvalidSpec, parse
 from hypothesis import HealthCheck, given, settings
 
 from tests.operator import crd
@@ -34,8 +36,13 @@ def config_step() -> dict[str, Any]:
     return crd.config_schema()["$defs"]["step"]
 
 
+JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number"}
+
+
 def types(schema: dict[str, Any]) -> set[str]:
     kind = schema.get("type")
+    if kind is None and "enum" in schema:  # an enum alone: the types of its values
+        kind = sorted({JSON_TYPES[type(value)] for value in schema["enum"]})
     found = set(kind) if isinstance(kind, list) else {kind}
     if schema.get("nullable"):
         found.add("null")
@@ -66,6 +73,39 @@ def test_field_constraints_agree(field: str) -> None:
         assert ours.get(key) == theirs.get(key), f"{field}.{key}: CRD {ours.get(key)!r} != config {theirs.get(key)!r}"
 
 
+def test_the_same_runtimes() -> None:
+    assert crd_step()["properties"]["runtime"]["enum"] == config_step()["properties"]["runtime"]["enum"]
+    assert tuple(config_step()["properties"]["runtime"]["enum"]) == RUNTIMES  # the operator picks their images
+
+
+STEP_KINDS = [  # which of handler / runtime / model a step has
+    {"handler": "pkg.mod:Handler"},
+    {"runtime": "onnx"},
+    {"runtime": "onnx", "model": "/models/net.onnx"},
+    {"handler": "pkg.mod:Handler", "runtime": "onnx"},
+    {"handler": "pkg.mod:Handler", "model": "/models/net.onnx"},
+    {"handler": "pkg.mod:Handler", "runtime": "onnx", "model": "/models/net.onnx"},
+    {"model": "/models/net.onnx"},
+    {},
+]
+
+
+@pytest.mark.parametrize("kind", STEP_KINDS, ids=lambda kind: "+".join(kind) or "nothing")
+def test_the_operator_and_the_pod_accept_the_same_kinds_of_step(kind: dict[str, Any]) -> None:
+    """A step the operator accepts is one the pod's schema accepts, and the other way round (with spec.model
+    set, which gives a runtime step its file: the pod gets it as MODEL_PATH)."""
+    step = {"name": "s", **kind}
+    body = {"metadata": {"name": "p", "namespace": "default", "uid": "u"},
+            "spec": {"image": "aqueduct:dev", "steps": [step], "model": {"storageUri": "pvc://models/net.onnx"}}}
+    try:
+        parse(body)
+        operator_accepts = True
+    except InvalidSpec:
+        operator_accepts = False
+    pod_accepts = jsonschema.Draft202012Validator(config_step()).is_valid(step)
+    assert operator_accepts == pod_accepts
+
+
 def test_top_level_constraints_agree() -> None:
     spec = crd.openapi_schema()["properties"]["spec"]["properties"]
     config = crd.config_schema()["properties"]
@@ -85,6 +125,8 @@ def test_top_level_constraints_agree() -> None:
     assert spec["timeout"]["exclusiveMinimum"] is True
     assert spec["timeout"]["minimum"] == config["timeout"]["exclusiveMinimum"]
     assert spec["timeout"]["default"] == config["timeout"]["default"]
+    # batchDim: a boolean, unset (null in the config) when the pod decides from its models.
+    assert spec["batchDim"]["type"] == "boolean" and types(config["batch_dim"]) == {"boolean", "null"}
 
 
 def validate_config(body: dict[str, Any]) -> dict[str, Any]:
@@ -111,6 +153,22 @@ def test_example_matches_the_catdetector_config() -> None:
         assert ours["steps"][0][key] == theirs["steps"][0][key], key
     for key in ("name", "inputs", "outputs", "queue_size", "timeout"):
         assert ours[key] == theirs[key], key
+
+
+def test_a_runtime_pipeline_renders_a_valid_config() -> None:
+    body = crd.load_yaml(crd.EXAMPLES / "pipeline.yaml")
+    body["metadata"].update(namespace="default", uid="u")
+    for key in ("inputs", "outputs"):
+        del body["spec"][key]
+    body["spec"].update(
+        batchDim=True, model={"storageUri": "s3://models/iris.skops"},
+        steps=[{"name": "pre", "handler": "pkg.pre:Scale", "options": {"factor": 0.5}},
+               {"name": "model", "runtime": "sklearn", "batchSize": 64, "options": {"trustPickle": False}},
+               {"name": "boost", "runtime": "xgboost", "model": "/models/boost.ubj"}],
+    )
+    config = validate_config(body)
+    assert [step.get("runtime") for step in config["steps"]] == [None, "sklearn", "xgboost"]
+    assert config["steps"][1]["model"] == "/mnt/models/iris.skops" and config["batch_dim"] is True
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
