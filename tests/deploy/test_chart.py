@@ -86,6 +86,7 @@ def test_template_is_valid_kubernetes(helm: str, values: str, kube_version: str)
         "operator.resources.limits.memory=lots",
         "operator.unknownKey=1",
         "unknownTopLevel=1",
+        "runtimeImages.tensorflow=tf:1",
     ],
 )
 def test_values_schema_rejects(bad: str) -> None:
@@ -182,6 +183,43 @@ def test_operator_deployment() -> None:
     ]
     assert container["ports"] == [{"name": "health", "containerPort": 8081, "protocol": "TCP"}]
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def runtime_images(*values: str) -> dict[str, str]:
+    """The runtime images the chart gives the operator, as the operator reads them from its environment."""
+    from aqueduct_operator import images
+
+    (deployment,) = by_kind(objects(template("helm3", *values)), "Deployment")
+    env = {item["name"]: item["value"] for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+           if "value" in item}
+    return images.from_environ(env)
+
+
+def test_runtime_images_default_to_the_names_the_operator_derives() -> None:
+    """Pipelines with runtime steps and no spec.image run their runtime's image: by default
+    `<image.repository>-<onnx|torch|sklearn>:<tag>` (the sklearn image also serving xgboost and lightgbm), the
+    same name the operator derives from its own image when run without the chart."""
+    from aqueduct_operator import images
+
+    defaults = runtime_images()
+    assert defaults == {"onnx": "aqueduct-onnx:0.1.0", "torch": "aqueduct-torch:0.1.0",
+                        "sklearn": "aqueduct-sklearn:0.1.0", "xgboost": "aqueduct-sklearn:0.1.0",
+                        "lightgbm": "aqueduct-sklearn:0.1.0"}
+    assert defaults == {runtime: images.derived("aqueduct:0.1.0", runtime) for runtime in images.RUNTIMES}
+    custom = runtime_images(*VALUE_SETS["custom"])
+    assert custom["torch"] == "registry.example.com/aqueduct-torch:1.2.3"
+    assert custom == {runtime: images.derived("registry.example.com/aqueduct:1.2.3", runtime)
+                      for runtime in images.RUNTIMES}
+
+
+def test_runtime_images_can_be_set_one_by_one() -> None:
+    chosen = runtime_images("--set", "runtimeImages.sklearn=mirror.example.com/ml/sk:7",
+                            "--set", "runtimeImages.lightgbm=mirror.example.com/ml/lgbm:2",
+                            "--set", "runtimeImages.onnx=mirror.example.com/ml/onnx-cuda:7")
+    assert chosen == {"onnx": "mirror.example.com/ml/onnx-cuda:7", "torch": "aqueduct-torch:0.1.0",
+                      "sklearn": "mirror.example.com/ml/sk:7",
+                      "xgboost": "mirror.example.com/ml/sk:7",  # xgboost follows the sklearn image
+                      "lightgbm": "mirror.example.com/ml/lgbm:2"}
 
 
 def test_operator_args_are_accepted_by_the_operator() -> None:

@@ -101,6 +101,38 @@ def test_rejects_bad_pipeline(path: str, value: Any) -> None:
     assert code == 1, out
 
 
+RUNTIME_PIPELINE: dict[str, Any] = {
+    "apiVersion": "aqueduct.dev/v1alpha1",
+    "kind": "Pipeline",
+    "metadata": {"name": "iris"},
+    "spec": {
+        "steps": [{"name": "model", "runtime": "sklearn", "batchSize": 64, "options": {"method": "predict_proba"}}],
+        "model": {"storageUri": "pvc://models/iris.skops"},
+        "batchDim": True,
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 8},
+    },
+}
+
+
+def test_accepts_a_runtime_pipeline_without_image_tensors_or_autoscaling_target() -> None:
+    code, out = check(RUNTIME_PIPELINE, crd=True)
+    assert code == 0, out
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("spec.steps.0.runtime", "tensorflow"),  # not a built-in runtime
+        ("spec.steps.0.model", ""),
+        ("spec.batchDim", "yes"),
+        ("spec.autoscaling.maxReplicas", DELETE),  # the one bound autoscaling needs
+    ],
+)
+def test_rejects_bad_runtime_pipeline(path: str, value: Any) -> None:
+    code, out = check(broken(RUNTIME_PIPELINE, path, value), crd=True)
+    assert code == 1, out
+
+
 def test_custom_resource_without_its_crd_is_an_error() -> None:
     code, out = check(PIPELINE)
     assert code == 1
