@@ -8,7 +8,8 @@
   (checking ``sha256`` when given); the serving container mounts it read-only at ``/mnt/models``.
 
 Either way the serving container gets ``MODEL_PATH``, the model's path, in its environment (a handler
-reads it, or a step's ``options`` name the same path). Pure functions: no I/O.
+reads it, or a step's ``options`` name the same path; a ``runtime`` step without ``model`` serves it).
+Pure functions: no I/O.
 """
 
 from __future__ import annotations
