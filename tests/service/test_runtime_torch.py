@@ -67,6 +67,11 @@ class Camera(torch.nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
+class Pair(torch.nn.Module):
+    def forward(self, pair: list[torch.Tensor]) -> torch.Tensor:
+        return pair[0] + pair[1]
+
+
 class Single(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2
@@ -95,6 +100,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     mlp = Mlp().eval()
     torch.jit.save(torch.jit.script(mlp), folder / "mlp.pt")
     torch.save(mlp.state_dict(), folder / "state_dict.pt")
+    torch.export.save(torch.export.export(Pair(), ([torch.ones(2), torch.ones(2)],)), folder / "nested.pt2")
     images = torch.zeros(2, 6, 6, 3, dtype=torch.uint8)
     camera = torch.export.export(Camera().eval(), (images,), dynamic_shapes={"image": {0: batch}})
     torch.export.save(camera, folder / "camera.pt2")
@@ -312,6 +318,7 @@ def test_cuda_without_a_gpu_fails_at_start(models: dict[str, Path]) -> None:
         ("truncated", "it is not a zip archive, or it is truncated"),
         ("state_dict", r"is a torch.save pickle \(a module or a state_dict\), not a torch.export program"),
         ("modules", "is a torch.save pickle"),
+        ("nested", "its forward takes nested inputs; export one that takes tensors"),
         ("corrupt", "is corrupt: its entry '.*weight_0' fails its CRC"),
         ("missing", "does not exist"),
     ],

@@ -239,7 +239,6 @@ def _export_metadata(document: Any, path: str) -> tuple[ModelMetadata, _Signatur
     """Inputs, outputs and call signature from an export's serialized graph, no weights loaded."""
     from torch._export.serde import schema
     from torch._export.serde.serialize import _dict_to_dataclass
-    from torch.utils._pytree import treespec_loads
 
     where = f"runtime 'torch': torch.export program {path!r}"
     graph_module = _dict_to_dataclass(schema.ExportedProgram, document).graph_module  # type: ignore[no-untyped-call]
@@ -256,21 +255,18 @@ def _export_metadata(document: Any, path: str) -> tuple[ModelMetadata, _Signatur
     call = graph_module.module_call_graph[0].signature if graph_module.module_call_graph else None
     if call is None:
         raise ModelLoadError(f"{where} records no call signature of its forward")
-    args_spec, kwargs_spec = treespec_loads(call.in_spec).children()
-    if not all(spec.is_leaf() for spec in (*args_spec.children(), *kwargs_spec.children())):
+    args_spec, kwargs_spec = _tree(call.in_spec)["children_spec"]
+    if not all(_is_leaf(spec) for spec in (*args_spec["children_spec"], *kwargs_spec["children_spec"])):
         raise ModelLoadError(f"{where}: its forward takes nested inputs; export one that takes tensors")
-    positional = tuple(call.forward_arg_names[: args_spec.num_children])
-    keywords = tuple(str(key) for key in kwargs_spec.context)
+    positional = tuple(call.forward_arg_names[: len(args_spec["children_spec"])])
+    keywords = tuple(str(key) for key in json.loads(kwargs_spec["context"]))
     input_names = (*positional, *keywords)
     if len(input_names) != len(placeholders):
         raise ModelLoadError(f"{where}: {len(input_names)} forward arguments but {len(placeholders)} graph inputs")
-    out_spec = treespec_loads(call.out_spec)
-    if (
-        out_spec.type is dict
-        and all(isinstance(key, str) for key in out_spec.context)
-        and all(spec.is_leaf() for spec in out_spec.children())
-    ):
-        output_names = tuple(out_spec.context)
+    out_spec = _tree(call.out_spec)
+    keys = json.loads(out_spec["context"]) if out_spec["type"] == "builtins.dict" else None
+    if keys and all(isinstance(key, str) for key in keys) and all(map(_is_leaf, out_spec["children_spec"])):
+        output_names = tuple(keys)
     else:
         output_names = tuple(f"output__{i}" for i in range(len(results)))
     values = graph_module.graph.tensor_values
@@ -280,6 +276,19 @@ def _export_metadata(document: Any, path: str) -> tuple[ModelMetadata, _Signatur
     tensors = (*inputs, *outputs)
     metadata = ModelMetadata(inputs, outputs, batched=bool(inputs) and all(t.shape[:1] == (-1,) for t in tensors))
     return metadata, _Signature(EXPORT, positional, keywords, input_dtypes)
+
+
+def _tree(serialized: str) -> dict[str, Any]:
+    """A serialized pytree spec (``torch.utils._pytree.treespec_dumps``, protocol 1) as its JSON tree:
+    each node ``{"type": "builtins.tuple", "context": "<JSON>", "children_spec": [...]}``, a leaf's type null."""
+    protocol, tree = json.loads(serialized)
+    if protocol != 1:
+        raise ValueError(f"its call signature is in pytree protocol {protocol}; this runtime reads protocol 1")
+    return dict(tree)
+
+
+def _is_leaf(spec: dict[str, Any]) -> bool:
+    return spec["type"] is None
 
 
 def _tensor_name(argument: Any, where: str, what: str) -> str:
