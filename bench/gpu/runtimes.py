@@ -17,6 +17,13 @@ A row whose library or runtime is missing is skipped with the reason. The last l
 
     PYTHONPATH=.:service python bench/gpu/runtimes.py                       # cuda when a GPU is visible
     PYTHONPATH=.:service python bench/gpu/runtimes.py --device cpu --iters 3 --batch 8
+
+Needs torch, onnx (the legacy ONNX exporter, ``dynamo=False``, writes through it; the new one would need
+onnxscript), onnxruntime for the ONNX rows (onnxruntime-gpu for CUDA) and what ``aqueduct_service``
+imports (starlette, orjson, jsonschema and its dependencies, pyyaml, threadpoolctl, prometheus-client).
+On a GPU machine that reaches no registry they travel as wheels (``bench/gpu/README.md``); the
+onnxruntime-gpu wheel (1.31.1, 256 MB) is larger than some machines let travel, and its rows are then
+skipped with the reason.
 """
 
 from __future__ import annotations
