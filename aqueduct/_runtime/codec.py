@@ -41,13 +41,14 @@ def _contiguous(pb: pickle.PickleBuffer) -> memoryview | None:
 
 
 def _reference(raw: memoryview, segments: dict[str, Segment]) -> BufferRef | None:
-    """Where ``raw`` lies in one of ``segments``, as a reference; None where it lies in none."""
+    """Where ``raw`` lies in one of ``segments``, as a reference; None where it lies in none, or where
+    this process changed it in a private mapping (the shared memory does not hold what it holds)."""
     nbytes = raw.nbytes
     address = _address(raw)
     for seg in segments.values():
         offset = seg.find(address, nbytes)
         if offset is not None:
-            return (seg.name, seg.size, offset, nbytes)
+            return None if seg.changed(offset, nbytes) else (seg.name, seg.size, offset, nbytes)
     return None
 
 

@@ -41,6 +41,8 @@ from .supervisor import WorkerProcess, spawn
 from .worker import ERROR, EXPIRED, OK, describe_exception
 
 MAX_RESTART_DELAY_S = 30.0
+#: How long a dead worker's shared memory keeps its names, for the answers it sent before it died.
+DEAD_WORKER_SWEEP_DELAY_S = 10.0
 #: Tasks a worker may hold beyond the batch it is handling (full batches only).
 PREFETCH_TASKS = 32
 
@@ -737,7 +739,10 @@ class Scheduler:
                 self._requeue(rt, entry)
         if batches:
             self._after_crash(rt, w, batches[0], reason)
-        shm.sweep(f"{self.prefix}-w{w.pid}-")
+        # Answers it sent may still be on their way to a front end that has yet to map its output arena:
+        # its segments lose their names a little later (their memory stays with whoever mapped them).
+        assert self.loop is not None
+        self.loop.call_later(DEAD_WORKER_SWEEP_DELAY_S, shm.sweep, f"{self.prefix}-w{w.pid}-")
         if self.running:
             slot = rt.workers.index(w)
             # Back off only for a worker whose death nothing explains yet: it never became ready,

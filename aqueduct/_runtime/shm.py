@@ -26,15 +26,20 @@ def new_flow_prefix() -> str:
 
 
 class Segment:
-    """One mapped segment: its name, its mapping and the address range the mapping covers."""
+    """One mapped segment: its name, its mapping and the address range the mapping covers.
 
-    __slots__ = ("name", "mm", "base", "size")
+    A worker maps arenas copy-on-write (``pristine`` is then a read-only shared mapping of the same
+    memory): what a handler writes into its task's arrays stays in the worker, see ``map_arenas_privately``.
+    """
 
-    def __init__(self, name: str, mm: mmap.mmap, size: int) -> None:
+    __slots__ = ("name", "mm", "base", "size", "pristine")
+
+    def __init__(self, name: str, mm: mmap.mmap, size: int, pristine: mmap.mmap | None = None) -> None:
         self.name = name
         self.mm = mm
         self.size = size
         self.base = np.frombuffer(mm, dtype=np.uint8, count=size).ctypes.data if size else 0
+        self.pristine = pristine
 
     @classmethod
     def create(cls, prefix: str, data: memoryview) -> Segment:
@@ -59,14 +64,32 @@ class Segment:
         return cls(name, mm, size)
 
     @classmethod
-    def open(cls, name: str, size: int) -> Segment:
-        """Map an existing segment by name."""
+    def open(cls, name: str, size: int, private: bool = False) -> Segment:
+        """Map an existing segment by name; ``private``: copy-on-write, beside a read-only shared mapping."""
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
         try:
-            mm = mmap.mmap(fd, size)
+            if not private:
+                return cls(name, mmap.mmap(fd, size), size)
+            return cls(
+                name, mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE), size, mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            )
         finally:
             os.close(fd)
-        return cls(name, mm, size)
+
+    def changed(self, offset: int, nbytes: int) -> bool:
+        """Whether this process wrote different bytes into ``[offset, offset + nbytes)`` of a private mapping."""
+        if self.pristine is None:
+            return False
+        ours = np.frombuffer(self.mm, dtype=np.uint8, count=nbytes, offset=offset)
+        shared = np.frombuffer(self.pristine, dtype=np.uint8, count=nbytes, offset=offset)
+        return not np.array_equal(ours, shared)
+
+    def forget_writes(self, offset: int, nbytes: int) -> None:
+        """Drop this process's copies of the pages of ``[offset, offset + nbytes)`` of a private mapping:
+        they show the shared memory again (a later task in the same block must not see our old writes)."""
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(self.size, -(-(offset + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def find(self, address: int, nbytes: int) -> int | None:
         """Offset of ``[address, address + nbytes)`` inside this mapping, or None."""
@@ -87,6 +110,21 @@ class Segment:
 _arenas: OrderedDict[str, Segment] = OrderedDict()
 ARENA_SUFFIX = "-arena"
 _MAX_ARENAS = 16
+_private_arenas = False
+
+
+def map_arenas_privately() -> None:
+    """From now on, map arenas copy-on-write in this process (a worker).
+
+    A handler may change its task's arrays in place. Were they views of the caller's shared memory,
+    the change would reach memory that is not the worker's: a request body that is about to be read
+    again (its task is run once more after its worker died) or that already belongs to another request.
+    With a private mapping the change stays in the worker: ``codec.encode`` sends a changed array by
+    value, and ``Segment.forget_writes`` drops the worker's copies once the batch is answered.
+    """
+    global _private_arenas
+    _private_arenas = True
+    _arenas.clear()  # mapped shared before a fork
 
 
 def open_cached(name: str, size: int) -> Segment:
@@ -101,7 +139,7 @@ def open_cached(name: str, size: int) -> Segment:
     if seg is not None and seg.size == size:
         _arenas.move_to_end(name)
         return seg
-    seg = Segment.open(name, size)
+    seg = Segment.open(name, size, private=_private_arenas)
     _arenas[name] = seg
     while len(_arenas) > _MAX_ARENAS:
         _arenas.popitem(last=False)

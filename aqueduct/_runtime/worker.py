@@ -168,6 +168,12 @@ class _Worker:
                 except Exception as exc:  # noqa: BLE001 - e.g. the handler set an unpicklable field
                     outcomes[i] = (ERROR, (*describe_exception(exc), TaskError.PICKLING_RESULT))
         self.send(("done", batch_id, outcomes, elapsed, bundle))
+        # the batch's blocks may be handed to other tasks now: our writes into them must not show there
+        sent: list[codec.BufferRef] = tasks[1] if isinstance(tasks, tuple) else [r for _, rs in tasks for r in rs]
+        for name, _, offset, nbytes in sent:
+            seg = segments.get(name)
+            if seg is not None and seg.pristine is not None:
+                seg.forget_writes(offset, nbytes)
 
     def output_arena(self) -> OutputArena | None:
         """This worker's arena for large outputs (None where /dev/shm has no room for one)."""
@@ -222,6 +228,7 @@ def worker_main(
     except ValueError:
         pass
     sweep_if_orphaned = _die_with_parent(flow_prefix)
+    shm.map_arenas_privately()
     limit_math_threads(threads)
     os.set_blocking(in_fd, True)
     os.set_blocking(out_fd, True)

@@ -12,6 +12,9 @@ processes or /dev/shm segments left behind.
 
 ``--elements 10000`` makes each ``x`` 80 KB sent as a binary tensor: it is read into shared memory
 and its batches travel to the workers by reference, through the same crash bisection.
+``--timing-out 0.02`` makes that fraction of requests give up after 1 ms while their batch takes 20 ms:
+they are answered 504 while a worker still holds them, and the model doubles ``x`` in place, so a
+request body's shared memory handed to another request too early shows as a wrong good answer.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class Outcome:
     raising_named: int = 0
     crashing: int = 0
     crashing_named: int = 0
+    timing_out: int = 0
+    timing_out_504: int = 0
     timeouts: int = 0
     seconds: float = 0.0
     kills: int = 0
@@ -59,7 +64,7 @@ class Outcome:
     leftover_segments: list[str] = field(default_factory=list)
 
     def report(self) -> str:
-        rate = (self.good + self.raising + self.crashing) / self.seconds
+        rate = self.requests / self.seconds
         right = 100 * self.good_right / max(1, self.good)
         lines = [
             f"## {self.label}",
@@ -67,7 +72,8 @@ class Outcome:
             f"the others: {self.good_errors or 'none'}",
             f"- raising requests answered 500 naming ValueError: {self.raising_named}/{self.raising}",
             f"- crashing requests answered 5xx naming WorkerDiedError: {self.crashing_named}/{self.crashing}",
-            f"- timeouts or hangs: {self.timeouts}",
+            f"- requests timing out in their worker answered 504: {self.timing_out_504}/{self.timing_out}",
+            f"- other timeouts or hangs: {self.timeouts}",
             f"- throughput: {rate:.0f} req/s over {self.seconds:.1f} s",
             f"- workers killed from outside: {self.kills}",
         ]
@@ -79,6 +85,10 @@ class Outcome:
             f"{self.leftover_segments or 'none'}",
         ]
         return "\n".join(lines)
+
+    @property
+    def requests(self) -> int:
+        return self.good + self.raising + self.crashing + self.timing_out
 
 
 def config(args: argparse.Namespace) -> dict[str, object]:
@@ -131,8 +141,13 @@ async def soak(args: argparse.Namespace, kill_every: float, label: str) -> Outco
         ) as client:
             await wait_ready(client, proc, 120)
             rng = random.Random(args.seed)
+            bounds = [
+                ("crash", args.crashing),
+                ("raise", args.crashing + args.raising),
+                ("timeout", args.crashing + args.raising + args.timing_out),
+            ]
             kinds = [
-                "crash" if r < args.crashing else "raise" if r < args.crashing + args.raising else "good"
+                next((kind for kind, bound in bounds if r < bound), "good")
                 for r in (rng.random() for _ in range(args.requests))
             ]
             queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
@@ -182,11 +197,16 @@ async def wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen[bytes], b
         await asyncio.sleep(0.05)
 
 
-def binary_request(x: int, elements: int) -> tuple[bytes, dict[str, str]]:
+#: A timing-out request's OIP parameters: it gives up after 1 ms (in microseconds), its batch takes 20 ms.
+TIMING_OUT = {"timeout": 1000, "sleep": 0.02}
+
+
+def binary_request(x: int, elements: int, parameters: dict[str, float]) -> tuple[bytes, dict[str, str]]:
     """A request whose ``x`` is ``elements`` int64s of value ``x``, sent and answered as binary tensors."""
     data = np.full(elements, x, dtype=np.int64).tobytes()
     tensor = {"name": "x", "shape": [elements], "datatype": "INT64", "parameters": {"binary_data_size": len(data)}}
-    header = json.dumps({"inputs": [tensor], "outputs": [{"name": "y", "parameters": {"binary_data": True}}]})
+    outputs = [{"name": "y", "parameters": {"binary_data": True}}]
+    header = json.dumps({"inputs": [tensor], "outputs": outputs, "parameters": parameters})
     headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
     return header.encode() + data, headers
 
@@ -206,13 +226,15 @@ async def client_loop(
 ) -> None:
     while not queue.empty():
         index, kind = queue.get_nowait()
-        x = {"good": index % 1000, "raise": RAISE, "crash": CRASH}[kind]
+        x = {"good": index % 1000, "timeout": index % 1000, "raise": RAISE, "crash": CRASH}[kind]
+        parameters = TIMING_OUT if kind == "timeout" else {}
         try:
             if elements == 1:
-                body = {"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [x]}]}
+                tensor = {"name": "x", "shape": [1], "datatype": "INT64", "data": [x]}
+                body = {"inputs": [tensor], "parameters": parameters}
                 reply = await client.post("/v2/models/soak/infer", json=body)
             else:
-                content, headers = binary_request(x, elements)
+                content, headers = binary_request(x, elements, parameters)
                 reply = await client.post("/v2/models/soak/infer", content=content, headers=headers)
         except httpx.TimeoutException:
             outcome.timeouts += 1
@@ -228,6 +250,10 @@ async def client_loop(
             else:
                 key = f"{status} {text[:60]}"
                 outcome.good_errors[key] = outcome.good_errors.get(key, 0) + 1
+        elif kind == "timeout":
+            outcome.timing_out += 1
+            outcome.timing_out_504 += status == 504
+            continue
         elif kind == "raise":
             outcome.raising += 1
             outcome.raising_named += status == 500 and "ValueError" in text
@@ -277,6 +303,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--raising", type=float, default=0.01)
     parser.add_argument("--crashing", type=float, default=0.01)
+    parser.add_argument("--timing-out", type=float, default=0.0, help="fraction of requests that time out in a worker")
     parser.add_argument("--kill-every", type=float, default=1.0, help="seconds between SIGKILLs (0: no kill run)")
     parser.add_argument("--nprocs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -296,8 +323,7 @@ def main() -> None:
     if args.kill_every:
         stormy = asyncio.run(soak(args, args.kill_every, f"a random worker SIGKILLed every {args.kill_every:g} s"))
         print(stormy.report())
-        ratio = (stormy.good + stormy.raising + stormy.crashing) / stormy.seconds
-        ratio /= (calm.good + calm.raising + calm.crashing) / calm.seconds
+        ratio = (stormy.requests / stormy.seconds) / (calm.requests / calm.seconds)
         print(f"\nthroughput with kills / without: {ratio:.2f}")
 
 

@@ -79,6 +79,15 @@ class InPlaceDiesOnNegative(InPlace):
         super().handle(*tasks)
 
 
+class InPlaceThenDiesOnNegative(InPlace):
+    """``InPlace``, then kills its own process when a task's ``value`` (an array) started below 0."""
+
+    def handle(self, *tasks: Task) -> None:
+        super().handle(*tasks)
+        if any(t.value[0] < 1 for t in tasks):
+            os._exit(139)
+
+
 class SlowInPlace(InPlace):
     """``InPlace`` after sleeping ``sleep`` seconds; kills its own process instead on a value starting below 0."""
 

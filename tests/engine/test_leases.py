@@ -13,7 +13,7 @@ from aqueduct import Flow, FlowStep
 from aqueduct._runtime.arena import Lease
 from aqueduct.exceptions import TaskTimeoutError
 
-from .handlers import SlowInPlace, Task
+from .handlers import Recorder, SlowInPlace, Task
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("no_shm_leaks")]
 
@@ -67,10 +67,26 @@ async def test_a_lease_is_back_as_soon_as_the_caller_and_the_flow_are_done() -> 
     flow.start()
     try:
         lease, array = leased_zeros(flow)
-        assert await flow.process(Task(array), timeout_sec=30, leases=[lease])
-        assert lease.held and np.all(array == 1)  # the caller still reads its answer over the block
+        task = Task(array)
+        assert await flow.process(task, timeout_sec=30, leases=[lease])
+        assert lease.held and np.all(task.value == 1)  # the caller reads its answer
         lease.free()
         lease.free()  # idempotent: a second free does not drop the flow's hold of another task
         assert not lease.held
+    finally:
+        await flow.stop()
+
+
+async def test_a_leased_array_travels_by_reference_both_ways_unless_the_handler_changed_it() -> None:
+    flow = Flow(FlowStep(Recorder()), arena_bytes=1 << 20)
+    flow.start()
+    try:
+        lease, array = leased_zeros(flow)
+        array[:] = 7
+        task = Task(array)
+        assert await flow.process(task, timeout_sec=30, leases=[lease])
+        # the handler set result = value without changing it: its answer points into the caller's block
+        assert np.shares_memory(task.result, array) and np.all(task.result == 7)
+        lease.free()
     finally:
         await flow.stop()

@@ -33,7 +33,9 @@ from .conftest import children_alive, leased_arrays
 from .handlers import (
     BornHere,
     DiesOnValue,
+    InPlace,
     InPlaceDiesOnNegative,
+    InPlaceThenDiesOnNegative,
     Poisoned,
     Recorder,
     SetsBornHere,
@@ -209,10 +211,14 @@ async def test_a_worker_that_crashes_on_a_task_is_replaced_and_others_are_served
 
 
 @pytest.mark.usefixtures("no_shm_leaks")
-async def test_a_task_that_kills_its_worker_fails_alone_among_arrays_in_the_flows_arena() -> None:
+@pytest.mark.parametrize(
+    "handler", [InPlaceDiesOnNegative(), InPlaceThenDiesOnNegative()], ids=["dies", "writes-then-dies"]
+)
+async def test_a_task_that_kills_its_worker_fails_alone_among_arrays_in_the_flows_arena(handler: InPlace) -> None:
     # Such a batch travels as one pickle with references to the arena: bisection re-sends its halves
-    # the same way, and the others are still changed in the caller's memory.
-    flow = Flow(FlowStep(InPlaceDiesOnNegative(), batch_size=8, batch_timeout=0.5), arena_bytes=4 << 20)
+    # the same way. A handler that changed its inputs in place before its worker died changed only
+    # the worker's copy-on-write view: the tasks run again from the caller's data, not from +1.
+    flow = Flow(FlowStep(handler, batch_size=8, batch_timeout=0.5), arena_bytes=4 << 20)
     flow.start()
     try:
         with leased_arrays(flow, 8) as arrays:
@@ -222,7 +228,7 @@ async def test_a_task_that_kills_its_worker_fails_alone_among_arrays_in_the_flow
             results = await asyncio.gather(*(flow.process(t, timeout_sec=60) for t in tasks), return_exceptions=True)
             assert isinstance(results[5], WorkerDiedError)
             assert [r for i, r in enumerate(results) if i != 5] == [True] * 7
-            assert all(np.all(array == 1) for i, array in enumerate(arrays) if i != 5)
+            assert all(np.all(t.value == 1) for i, t in enumerate(tasks) if i != 5)
     finally:
         await flow.stop()
 
