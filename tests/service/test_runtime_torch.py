@@ -67,6 +67,13 @@ class Camera(torch.nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
+class Apart(torch.nn.Module):
+    """Two inputs whose first dimensions vary apart, and an output with twice the rows: no batch to join."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.sum(dim=0) + y.sum(dim=0), torch.cat([x, x])
+
+
 class Pair(torch.nn.Module):
     def forward(self, pair: list[torch.Tensor]) -> torch.Tensor:
         return pair[0] + pair[1]
@@ -100,6 +107,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     mlp = Mlp().eval()
     torch.jit.save(torch.jit.script(mlp), folder / "mlp.pt")
     torch.save(mlp.state_dict(), folder / "state_dict.pt")
+    apart = torch.export.export(
+        Apart(),
+        (torch.ones(2, 3), torch.ones(4, 3)),
+        dynamic_shapes={"x": {0: torch.export.Dim("n", min=1)}, "y": {0: torch.export.Dim("m", min=1)}},
+    )
+    torch.export.save(apart, folder / "apart.pt2")
     torch.export.save(torch.export.export(Pair(), ([torch.ones(2), torch.ones(2)],)), folder / "nested.pt2")
     images = torch.zeros(2, 6, 6, 3, dtype=torch.uint8)
     camera = torch.export.export(Camera().eval(), (images,), dynamic_shapes={"image": {0: batch}})
@@ -138,6 +151,9 @@ def test_export_metadata_from_the_graph(models: dict[str, Path]) -> None:
         batched=False,
     )
     assert TorchRuntime(str(models["single"])).metadata().outputs == (TensorSpec("output__0", "FP32", (4,)),)
+    apart = TorchRuntime(str(models["apart"])).metadata()
+    assert [t.shape for t in (*apart.inputs, *apart.outputs)] == [(-1, 3), (-1, 3), (3,), (-1, 3)]
+    assert not apart.batched
 
 
 def test_export_metadata_loads_no_weights(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -273,9 +273,18 @@ def _export_metadata(document: Any, path: str) -> tuple[ModelMetadata, _Signatur
     input_dtypes = tuple(_dtype_name(values[name].dtype) for name in placeholders)
     inputs = tuple(_spec(name, values[node], where) for name, node in zip(input_names, placeholders, strict=True))
     outputs = tuple(_spec(name, values[node], where) for name, node in zip(output_names, results, strict=True))
-    tensors = (*inputs, *outputs)
-    metadata = ModelMetadata(inputs, outputs, batched=bool(inputs) and all(t.shape[:1] == (-1,) for t in tensors))
-    return metadata, _Signature(EXPORT, positional, keywords, input_dtypes)
+    # Batched: one symbol is the first dimension of every tensor (two inputs of independent lengths, or
+    # an output of twice the rows, cannot be joined and split by rows).
+    first_dims = {_first_dim(values[node]) for node in (*placeholders, *results)}
+    batched = bool(placeholders) and len(first_dims) == 1 and None not in first_dims
+    return ModelMetadata(inputs, outputs, batched), _Signature(EXPORT, positional, keywords, input_dtypes)
+
+
+def _first_dim(meta: Any) -> str | None:
+    """The symbol of a tensor's first dimension (its expression's text), None when fixed or a scalar."""
+    if not meta.sizes or meta.sizes[0].type != "as_expr":
+        return None
+    return str(meta.sizes[0].as_expr.expr_str)
 
 
 def _tree(serialized: str) -> dict[str, Any]:
