@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -135,20 +135,19 @@ def base_image(docker: Docker) -> str:
     return BASE_IMAGE
 
 
-def build_image(docker: Docker, base: str, tag: str) -> tuple[float, str]:
-    """docker build the repository's Dockerfile; returns (seconds, build log)."""
+def build_image(docker: Docker, tag: str, build_args: Mapping[str, str], context: Path = ROOT) -> tuple[float, str]:
+    """docker build the Dockerfile in ``context`` (the repository's by default); returns (seconds, build log)."""
     started = time.monotonic()
     # pip inside the build uses the index the host uses (PyPI unless PIP_INDEX_URL says otherwise).
-    index = ["--build-arg", f"PIP_INDEX_URL={os.environ['PIP_INDEX_URL']}"] if os.environ.get("PIP_INDEX_URL") else []
-    proc = docker(
-        "build", "--network", "host", "--build-arg", f"BASE={base}", *index, "-t", tag, str(ROOT), timeout=900
-    )
+    index = {"PIP_INDEX_URL": os.environ["PIP_INDEX_URL"]} if os.environ.get("PIP_INDEX_URL") else {}
+    args = [f"--build-arg={name}={value}" for name, value in {**index, **build_args}.items()]
+    proc = docker("build", "--network", "host", *args, "-t", tag, str(context), timeout=900)
     return time.monotonic() - started, proc.stdout
 
 
 @pytest.fixture(scope="session")
 def aqueduct_image(docker: Docker, base_image: str) -> Iterator[str]:
     """The aqueduct image, built from the working tree (layers cached between runs on one machine)."""
-    seconds, _ = build_image(docker, base_image, TEST_IMAGE)
+    seconds, _ = build_image(docker, TEST_IMAGE, {"BASE": base_image})
     print(f"\n[deploy] docker build of {TEST_IMAGE} from {base_image}: {seconds:.1f} s", file=sys.stderr)
     yield TEST_IMAGE

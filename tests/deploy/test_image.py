@@ -7,7 +7,6 @@ Containers run as Kubernetes runs them: read-only root filesystem, writable /tmp
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -16,10 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -30,53 +26,11 @@ import yaml
 from bench.processes import free_port, terminate
 
 from .conftest import ROOT, Docker, build_image, unavailable, wait_until
+from .containers import container, http
 
 pytestmark = pytest.mark.docker
 
 KMOCK_SERVE = ROOT / "tests" / "operator" / "kmock_serve.py"
-
-
-def http(method: str, url: str, body: Any = None, timeout: float = 5) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload = response.read()
-            return response.status, json.loads(payload) if payload else None
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-
-
-
-@contextlib.contextmanager
-def container(docker: Docker, image: str, *args: str, options: tuple[str, ...] = ()) -> Iterator[Callable[[], str]]:
-    """docker run -d the image as Kubernetes would; yields a function returning its logs; always removed."""
-    name = f"aqueduct-test-{uuid.uuid4().hex[:8]}"
-    docker(
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--network",
-        "host",
-        "--read-only",
-        "--tmpfs",
-        "/tmp",
-        "--shm-size",
-        "256m",
-        *options,
-        image,
-        *args,
-    )
-
-    def logs() -> str:
-        proc = docker("logs", "--tail", "80", name, check=False)
-        return proc.stdout + proc.stderr
-
-    try:
-        yield logs
-    finally:
-        docker("rm", "-f", name, check=False)
 
 
 def test_image_user_and_contents(docker: Docker, aqueduct_image: str) -> None:
@@ -142,7 +96,7 @@ def test_pre_stop_hook_runs_in_the_serving_container(docker: Docker, aqueduct_im
 
 def test_rebuild_is_cached(docker: Docker, aqueduct_image: str, base_image: str) -> None:
     """An unchanged tree rebuilds from cache alone: dependencies are not reinstalled."""
-    seconds, log = build_image(docker, base_image, aqueduct_image)
+    seconds, log = build_image(docker, aqueduct_image, {"BASE": base_image})
     print(f"\n[deploy] cached rebuild: {seconds:.1f} s", file=sys.stderr)
     assert "Using cache" in log and " ---> Running in " not in log, log
 
