@@ -78,7 +78,7 @@ class Segment:
 
     def changed(self, offset: int, nbytes: int) -> bool:
         """Whether this process wrote different bytes into ``[offset, offset + nbytes)`` of a private mapping."""
-        if self.pristine is None:
+        if self.pristine is None or not _has_own_pages(self.base + offset, nbytes):
             return False
         ours = np.frombuffer(self.mm, dtype=np.uint8, count=nbytes, offset=offset)
         shared = np.frombuffer(self.pristine, dtype=np.uint8, count=nbytes, offset=offset)
@@ -87,6 +87,8 @@ class Segment:
     def forget_writes(self, offset: int, nbytes: int) -> None:
         """Drop this process's copies of the pages of ``[offset, offset + nbytes)`` of a private mapping:
         they show the shared memory again (a later task in the same block must not see our old writes)."""
+        if self.pristine is None or not _has_own_pages(self.base + offset, nbytes):
+            return
         start = offset // mmap.PAGESIZE * mmap.PAGESIZE
         end = min(self.size, -(-(offset + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
         self.mm.madvise(mmap.MADV_DONTNEED, start, end - start)
@@ -104,6 +106,32 @@ class Segment:
     def unlink(self) -> None:
         """Remove the name; the mapping stays valid for whoever still holds it."""
         unlink(self.name)
+
+
+# /proc/self/pagemap: 8 bytes per page; bit 63 present, 62 swapped, 61 a page of a file or shared memory.
+_PAGE_OWN_MASK = np.uint64((1 << 63) | (1 << 61))
+_PAGE_OWN = np.uint64(1 << 63)  # present and not the file's: a copy-on-write copy
+_PAGE_SWAPPED = np.uint64(1 << 62)
+_pagemap: tuple[int, int] | None = None  # (pid, fd): /proc/self is the process that opened it
+
+
+def _has_own_pages(address: int, nbytes: int) -> bool:
+    """Whether the pages of ``[address, address + nbytes)`` include one this process copied on write
+    (True where the kernel does not say: the caller then compares or drops pages, which is only slower)."""
+    global _pagemap
+    pid = os.getpid()
+    if _pagemap is None or _pagemap[0] != pid:
+        try:
+            _pagemap = (pid, os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            return True
+    first = address // mmap.PAGESIZE
+    pages = (address + nbytes - 1) // mmap.PAGESIZE - first + 1
+    try:
+        entries = np.frombuffer(os.pread(_pagemap[1], 8 * pages, 8 * first), dtype=np.uint64)
+    except OSError:
+        return True
+    return bool(np.any((entries & _PAGE_OWN_MASK) == _PAGE_OWN) or np.any(entries & _PAGE_SWAPPED))
 
 
 #: Long-lived segments (arenas) this process mapped, most recently used last.
