@@ -1,5 +1,7 @@
 """``aqueduct-serve --config pipeline.yaml``: validate the config, build the flow, serve it with uvicorn.
 
+A bad config or model file is exit status 2, before the port is bound.
+
 With ``server.workers: 1`` one process does HTTP and runs the flow; with more, ``pod.run_pod`` runs
 the flow here and that many HTTP front-end processes beside it.
 """
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 
 from .app import create_app
 from .health import ServingState
-from .pipeline import build_flow
+from .pipeline import build_flow, resolve_settings
 from .pod import run_pod
 from .server import ServingServer, uvicorn_config
 from .settings import ConfigError, load_settings
@@ -49,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         flow = build_flow(settings)
+        settings = resolve_settings(settings, flow)
     except ConfigError as e:
         print(f"aqueduct-serve: {e}", file=sys.stderr)
         return 2

@@ -166,6 +166,8 @@ class InferenceEndpoint:
         self.settings = settings
         self.state = state
         self.max_body = settings.server.max_body_bytes
+        #: With ``batch_dim``, the most rows a request may carry: the first step's batch size.
+        self.max_rows = settings.steps[0].batch_size if settings.batch_dim else None
 
     async def __call__(self, name: str, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]) -> int:
         """Answer one request; returns the HTTP status sent (499: the client left first)."""
@@ -215,7 +217,7 @@ class InferenceEndpoint:
         try:
             body = await self._read_body(receive, lease)
             request = decode_request(body, header_length, self.max_body)
-            check_inputs(request.inputs, self.settings.inputs)
+            check_inputs(request.inputs, self.settings.inputs, self.max_rows)
             check_requested_outputs(request, self.settings.outputs)
             task = InferenceTask(request.inputs, request.parameters)
             timeout = self.settings.timeout
@@ -304,7 +306,7 @@ def _model_metadata(settings: Settings) -> dict[str, Any]:
             "steps": [
                 {
                     "name": step.name,
-                    "handler": step.handler,
+                    **({"runtime": step.runtime, "model": step.model} if step.runtime else {"handler": step.handler}),
                     "nprocs": step.nprocs,
                     "batch_size": step.batch_size,
                     "batch_timeout": step.batch_timeout,
@@ -313,6 +315,7 @@ def _model_metadata(settings: Settings) -> dict[str, Any]:
                 }
                 for step in settings.steps
             ],
+            "batch_dim": bool(settings.batch_dim),
             "queue_size": settings.queue_size,
             "queue_priorities": settings.queue_priorities,
             "timeout": settings.timeout,

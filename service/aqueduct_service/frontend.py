@@ -21,7 +21,7 @@ from .app import create_app
 from .backend import RemoteBackend
 from .health import ServingState
 from .server import ServingServer, uvicorn_config
-from .settings import Settings, load_settings
+from .settings import Settings, load_settings, with_signature
 
 log = logging.getLogger("aqueduct_service")
 
@@ -58,8 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen-fd", type=int, required=True, help="the listening socket, inherited")
     parser.add_argument("--channel-fd", type=int, required=True, help="the channel to the flow, inherited")
     parser.add_argument("--prefix", required=True, help="the channel's shared-memory prefix")
+    parser.add_argument("--signature", required=True, help="the pod's tensors as the main process resolved them")
     args = parser.parse_args(argv)
-    settings = load_settings(args.config)  # the main process checked it already
+    # the main process checked the config already, and read the runtime steps' models for the tensors
+    settings = with_signature(load_settings(args.config), args.signature)
     sock = socket.socket(fileno=args.listen_fd)
     address = ClientAddress(socket.socket(fileno=args.channel_fd), args.prefix)
     serve_frontend(settings, address, sock, args.index)

@@ -103,8 +103,14 @@ def decode_request(body: bytes | memoryview, header_length: int | None, max_byte
     )
 
 
-def check_inputs(inputs: dict[str, np.ndarray], declared: Sequence[TensorSpec]) -> None:
-    """Check request inputs against the model's declared inputs (skipped when none are declared)."""
+def check_inputs(inputs: dict[str, np.ndarray], declared: Sequence[TensorSpec], max_rows: int | None = None) -> None:
+    """Check request inputs against the model's declared inputs (skipped when none are declared).
+
+    ``max_rows``: the pod takes batches (``batch_dim``): every input's first dimension is the
+    request's rows, the same in all, from 1 to ``max_rows``.
+    """
+    if max_rows is not None:
+        _check_rows(inputs, max_rows)
     if not declared:
         return
     known = {spec.name: spec for spec in declared}
@@ -121,6 +127,25 @@ def check_inputs(inputs: dict[str, np.ndarray], declared: Sequence[TensorSpec]) 
     missing = [name for name in known if name not in inputs]
     if missing:
         raise _bad(f"missing input(s): {', '.join(missing)}")
+
+
+def _check_rows(inputs: dict[str, np.ndarray], max_rows: int) -> None:
+    first: tuple[str, int] | None = None
+    for name, array in inputs.items():
+        if not array.ndim:
+            raise _bad(f"input {name!r}: a scalar has no batch dimension (this model takes rows along the first)")
+        if first is None:
+            first = (name, array.shape[0])
+        elif array.shape[0] != first[1]:
+            raise _bad(
+                f"inputs {first[0]!r} and {name!r} have {first[1]} and {array.shape[0]} rows: every input of a "
+                "request must have the same first (batch) dimension"
+            )
+    rows = first[1] if first is not None else 0
+    if rows < 1:
+        raise _bad("a request must carry at least one row (its inputs' first dimension is the batch)")
+    if rows > max_rows:
+        raise _bad(f"a request of {rows} rows is over this model's limit of {max_rows} (the first step's batch_size)")
 
 
 def check_requested_outputs(request: InferRequest, declared: Sequence[TensorSpec]) -> None:

@@ -31,7 +31,7 @@ from prometheus_client import multiprocess
 from aqueduct import Flow
 from aqueduct.remote import FlowGateway
 
-from .settings import Settings
+from .settings import Settings, signature_json
 
 log = logging.getLogger("aqueduct_service")
 
@@ -111,7 +111,7 @@ class Pod:
             process = subprocess.Popen(
                 [sys.executable, "-m", "aqueduct_service.frontend", "--config", self.config_path]
                 + ["--index", str(index), "--listen-fd", str(listen_fd), "--channel-fd", str(channel_fd)]
-                + ["--prefix", address.prefix],
+                + ["--prefix", address.prefix, "--signature", signature_json(self.settings)],
                 pass_fds=(listen_fd, channel_fd),
                 env={
                     **os.environ,
@@ -169,7 +169,8 @@ class Pod:
 def run_pod(settings: Settings, config_path: str, flow: Flow, host: str, port: int) -> int:
     """Bind ``host:port`` and serve ``flow`` with ``settings.server.front_ends`` front ends; the exit code.
 
-    The front ends read their settings from ``config_path`` (and the environment), as this process did.
+    The front ends read their settings from ``config_path`` (and the environment), as this process did,
+    and get the tensors this process read from the runtime steps' models (``settings``) on their command line.
     """
     sockets = listen(host, port, settings.server.front_ends)
     metrics_dir = tempfile.mkdtemp(prefix="aqueduct-metrics-")  # the front ends' prometheus_client files

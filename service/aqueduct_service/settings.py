@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ from aqueduct.cpus import available_cpus
 
 ENV_PREFIX = "AQUEDUCT_"
 SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
+#: The model file a runtime step serves when it names none (the operator sets it from ``spec.model``).
+MODEL_PATH_ENV = "MODEL_PATH"
 
 
 class ConfigError(Exception):
@@ -42,11 +44,15 @@ class TensorSpec:
 class StepSettings:
     """One flow step: its handler (``"package.module:ClassName"``), worker count, batching and options.
 
-    ``options`` are keyword arguments of the handler's constructor.
+    A step has either a ``handler`` or a built-in ``runtime`` (``onnx``, ``torch``, ``sklearn``,
+    ``xgboost``, ``lightgbm``) with the ``model`` file it serves. ``options`` are keyword arguments of
+    the handler's constructor, or the runtime's options (see ``docs/RUNTIMES.md``).
     """
 
     name: str
-    handler: str
+    handler: str | None = None
+    runtime: str | None = None
+    model: str | None = None
     nprocs: int = 1
     batch_size: int = 1
     batch_timeout: float = 0.0
@@ -95,6 +101,8 @@ class Settings:
     platform: str = "aqueduct"
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    #: Requests carry N rows along a leading batch dimension; None: set when a runtime's model is batched.
+    batch_dim: bool | None = None
     queue_size: int | None = None
     queue_priorities: int = 1
     timeout: float = 5.0
@@ -134,7 +142,21 @@ def parse_settings(raw: Any, environ: Mapping[str, str]) -> Settings:
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
     sources = _apply_env_overrides(raw, environ)
     _validate(raw, sources)
-    return _to_settings(raw)
+    return _to_settings(raw, environ)
+
+
+def signature_json(settings: Settings) -> str:
+    """The pod's inputs, outputs and ``batch_dim`` as JSON: how the main process, which read them from
+    the runtime steps' models, hands them to its front ends (see ``with_signature``)."""
+    inputs, outputs = ([[t.name, t.datatype, list(t.shape)] for t in ts] for ts in (settings.inputs, settings.outputs))
+    return json.dumps({"inputs": inputs, "outputs": outputs, "batch_dim": settings.batch_dim})
+
+
+def with_signature(settings: Settings, text: str) -> Settings:
+    """``settings`` with the inputs, outputs and ``batch_dim`` of ``signature_json``'s ``text``."""
+    doc = json.loads(text)
+    inputs, outputs = (tuple(TensorSpec(n, d, tuple(s)) for n, d, s in doc[kind]) for kind in ("inputs", "outputs"))
+    return replace(settings, inputs=inputs, outputs=outputs, batch_dim=doc["batch_dim"])
 
 
 def field_path(path: Any) -> str:
@@ -206,7 +228,9 @@ def _validate(doc: dict[str, Any], sources: dict[str, str]) -> None:
         for error in errors:
             where = field_path(error.absolute_path)
             origin = f" (from {sources[where]})" if where in sources else ""
-            lines.append(f"{where}: {error.message}{origin}")
+            step_kind = error.validator == "oneOf" and list(error.absolute_path)[:1] == ["steps"]
+            message = _step_kind_message(error.instance) if step_kind else error.message
+            lines.append(f"{where}: {message}{origin}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     names = [step["name"] for step in doc["steps"]]
     for index, name in enumerate(names):
@@ -218,12 +242,35 @@ def _validate(doc: dict[str, Any], sources: dict[str, str]) -> None:
         )
 
 
+def _step_kind_message(step: Any) -> str:
+    """Why a step is neither a handler step nor a runtime step (the schema's ``oneOf`` says only "not valid")."""
+    if not isinstance(step, dict):
+        return "must be a mapping"
+    if "handler" in step and "runtime" in step:
+        return "a step has either a handler or a runtime, not both"
+    if "model" in step and "runtime" not in step:
+        return "model names the file of a runtime step: add runtime (onnx, torch, sklearn, xgboost or lightgbm)"
+    return "needs a handler ('package.module:ClassName') or a runtime (onnx, torch, sklearn, xgboost or lightgbm)"
+
+
 def _tensors(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in items)
 
 
-def _to_settings(doc: dict[str, Any]) -> Settings:
-    steps = tuple(StepSettings(**step) for step in doc["steps"])
+def _step(index: int, step: dict[str, Any], environ: Mapping[str, str]) -> StepSettings:
+    """A step's settings; a runtime step without ``model`` serves ``MODEL_PATH`` (set by the operator)."""
+    if "runtime" in step and "model" not in step:
+        if not environ.get(MODEL_PATH_ENV):
+            raise ConfigError(
+                f"steps[{index}].model: runtime step {step['name']!r} needs a model file (or {MODEL_PATH_ENV} "
+                "in the environment)"
+            )
+        step = {**step, "model": environ[MODEL_PATH_ENV]}
+    return StepSettings(**step)
+
+
+def _to_settings(doc: dict[str, Any], environ: Mapping[str, str]) -> Settings:
+    steps = tuple(_step(index, step, environ) for index, step in enumerate(doc["steps"]))
     server = ServerSettings(**doc.get("server", {}))
     top = {k: v for k, v in doc.items() if k not in ("version", "steps", "server", "inputs", "outputs")}
     return Settings(

@@ -7,11 +7,11 @@ there, before any worker starts, reads the file (never touching a GPU) and fails
 format, so that a bad model is a config error (exit status 2) before the port is bound.
 ``on_start`` loads the model in each worker; ``handle`` joins its tasks' inputs into one call.
 
-A runtime whose library starts OpenMP threads while it reads a file (XGBoost, LightGBM,
-scikit-learn) sets ``read_in_child``: GNU OpenMP cannot be used in a process forked after its
-threads started, so ``read_metadata`` then runs in a short-lived forked child and only the
-``ModelMetadata`` comes back; the pod's main process, which forks the workers, stays clean. A file
-that crashes the library there is a ``ModelLoadError`` too, not a dead pod.
+A runtime whose library starts thread pools while it reads a file (XGBoost, LightGBM and
+scikit-learn start OpenMP's) sets ``read_in_child``: GNU OpenMP hangs in a process forked after its
+threads started, so ``read_metadata`` then runs in a fresh Python process and only the
+``ModelMetadata`` comes back; the pod's main process, which forks the workers, stays clean whatever
+ran in it before. A file that crashes the library there is a ``ModelLoadError`` too, not a dead pod.
 
 A runtime step reads each model input from the task's ``outputs`` when an earlier step set it
 there (a Python pre-processing step, say), else from the request's ``inputs``; it sets every model
@@ -21,8 +21,10 @@ output in ``task.outputs``.
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -63,7 +65,7 @@ class ModelRuntime(BaseTaskHandler):
     name: ClassVar[str]
     #: Import names this runtime needs; a missing one is a config error naming the image to use.
     packages: ClassVar[tuple[str, ...]] = ()
-    #: ``read_metadata`` runs in a forked child process (see the module docstring).
+    #: ``read_metadata`` runs in a child process (see the module docstring).
     read_in_child: ClassVar[bool] = False
     #: Bound on reading the file in a child process, seconds.
     read_timeout: ClassVar[float] = 300.0
@@ -115,39 +117,36 @@ class ModelRuntime(BaseTaskHandler):
             ) from e
 
     def _read_in_child(self) -> ModelMetadata:
-        """``_read`` in a forked child process; its ``ModelMetadata`` or its error's message comes back."""
-        context = multiprocessing.get_context("fork")
-        receiver, sender = context.Pipe(duplex=False)
-        child = context.Process(target=self._send_metadata, args=(sender,), daemon=True)
-        child.start()
-        sender.close()
-        try:
-            answered = receiver.poll(self.read_timeout)
-            reply: tuple[bool, ModelMetadata | str] | None = receiver.recv() if answered else None
-        except EOFError:
-            reply = None
-        finally:
-            receiver.close()
-            if child.is_alive() and reply is None:
-                child.kill()
-            child.join()
+        """``read_metadata`` in a fresh Python process (``python -m aqueduct_service.runtimes.reader``)."""
         where = f"runtime {self.name!r} cannot load model file {self.model_path!r}"
-        if reply is None:
-            if child.exitcode == -9:
-                raise ModelLoadError(f"{where}: reading it took longer than {self.read_timeout:.0f} s")
-            raise ModelLoadError(f"{where}: the process reading it died (exit code {child.exitcode})")
-        ok, value = reply
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "aqueduct_service.runtimes.reader"],
+                input=pickle.dumps(self),
+                capture_output=True,
+                env=env,
+                timeout=self.read_timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise ModelLoadError(f"{where}: reading it took longer than {self.read_timeout:.0f} s") from None
+        if done.returncode != 0:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            raise ModelLoadError(
+                f"{where}: the process reading it exited with status {done.returncode}: {' '.join(tail)}"
+            )
+        ok, value = pickle.loads(done.stdout)
         if not ok:
-            raise ModelLoadError(str(value))
+            raise ModelLoadError(value)
         assert isinstance(value, ModelMetadata)
         return value
 
-    def _send_metadata(self, sender: Any) -> None:
+    def read_metadata_here(self) -> tuple[bool, ModelMetadata | str]:
+        """What ``read_metadata`` gives in this process: (True, the metadata) or (False, the error's message)."""
         try:
-            reply: tuple[bool, ModelMetadata | str] = (True, self._read())
+            return True, self._read()
         except ModelLoadError as e:
-            reply = (False, str(e))
-        sender.send(reply)
+            return False, str(e)
 
     def read_metadata(self) -> ModelMetadata:
         """Read the file's tensors (in the main process); raise on a bad file."""
