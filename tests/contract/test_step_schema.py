@@ -171,6 +171,26 @@ def test_a_runtime_pipeline_renders_a_valid_config() -> None:
     assert config["steps"][1]["model"] == "/mnt/models/iris.skops" and config["batch_dim"] is True
 
 
+def test_the_pods_settings_loader_reads_a_rendered_runtime_config_with_the_pods_environment() -> None:
+    """What the pod itself makes of the ConfigMap, with the environment the Deployment gives it (MODEL_PATH)."""
+    from aqueduct_service.settings import parse_settings
+
+    body = {"metadata": {"name": "iris", "namespace": "default", "uid": "u"},
+            "spec": {"model": {"storageUri": "https://models.example.com/iris.skops"}, "batchDim": False,
+                     "steps": [{"name": "model", "runtime": "sklearn", "batchSize": 64, "nprocs": 2,
+                                "options": {"method": "predict_proba", "trustPickle": False}}]}}
+    objs = {obj["kind"]: obj for obj in desired_objects(body, default_image="aqueduct:dev")}
+    (container,) = objs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    environ = {item["name"]: item["value"] for item in container.get("env", [])}
+    settings = parse_settings(yaml.safe_load(objs["ConfigMap"]["data"]["config.yaml"]), environ)
+    (step,) = settings.steps
+    assert (step.runtime, step.model, step.handler) == ("sklearn", "/mnt/models/iris.skops", None)
+    assert (step.batch_size, step.nprocs, dict(step.options)) == (64, 2, {"method": "predict_proba",
+                                                                        "trustPickle": False})
+    assert settings.batch_dim is False and settings.inputs == () and settings.outputs == ()
+    assert container["image"] == "aqueduct-sklearn:dev"
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pipelines())
 def test_any_valid_pipeline_renders_a_valid_config(body: dict[str, Any]) -> None:
