@@ -112,8 +112,9 @@ class ModelRuntime(BaseTaskHandler):
         except ModelLoadError:
             raise
         except Exception as e:
+            first_line = str(e).strip().split("\n", 1)[0]  # XGBoost's errors go on with a native stack trace
             raise ModelLoadError(
-                f"runtime {self.name!r} cannot load model file {self.model_path!r}: {type(e).__name__}: {e}"
+                f"runtime {self.name!r} cannot load model file {self.model_path!r}: {type(e).__name__}: {first_line}"
             ) from e
 
     def _read_in_child(self) -> ModelMetadata:
