@@ -9,20 +9,25 @@ from types import FrameType
 import uvicorn
 from starlette.applications import Starlette
 
+from .connections import ConnectionLimits, guarded_protocol, raise_open_files_limit
 from .health import ServingState
-from .http_protocol import CombinedWritesProtocol
 from .settings import Settings
 
 
 def uvicorn_config(app: Starlette, settings: Settings, host: str, port: int) -> uvicorn.Config:
     """The uvicorn settings every HTTP process of the pod runs with."""
     server = settings.server
+    limits = ConnectionLimits(
+        server.max_header_bytes, server.header_timeout, server.body_timeout, server.max_connections
+    )
+    raise_open_files_limit()  # connections are files: let max_connections, not the soft limit, be the bound
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http=CombinedWritesProtocol,
+        http=guarded_protocol(limits),
+        timeout_keep_alive=server.keepalive_timeout,
         lifespan="on",
         access_log=False,
         proxy_headers=False,  # client addresses are only for access logs, which are off

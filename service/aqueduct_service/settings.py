@@ -75,6 +75,12 @@ class ServerSettings:
     #: HTTP front-end processes; None: ``default_workers()``.
     workers: int | None = None
     arena_bytes: int = 32 * 1024 * 1024
+    #: Connection bounds, per HTTP process (``connections.py``).
+    max_header_bytes: int = 64 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: int = 5
+    max_connections: int = 1000
 
     @property
     def front_ends(self) -> int:
