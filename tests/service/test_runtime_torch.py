@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import tritonclient.http as triton
 from aqueduct_service.runtimes.base import ModelLoadError, ModelMetadata
 from aqueduct_service.runtimes.torch import TorchRuntime
 from aqueduct_service.settings import TensorSpec
 from aqueduct_service.task import InferenceTask
+
+from tests.service.conftest import Server
 
 # TorchScript is deprecated in torch 2.13, which says so on every torch.jit call; the runtime still serves it.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
@@ -190,6 +194,18 @@ def test_export_batches_tasks_of_different_row_counts(models: dict[str, Path]) -
         np.testing.assert_allclose(task.outputs["output__1"], features.numpy(), rtol=1e-5, atol=1e-6)
 
 
+class ReadApart(TorchRuntime):
+    read_in_child = True
+
+
+def test_metadata_read_in_another_process(models: dict[str, Path]) -> None:
+    """Only the metadata comes back from a reading process: the worker reads the call signature itself."""
+    runtime = started(ReadApart(str(models["fixed"])))
+    task = InferenceTask({"tokens": np.ones((2, 3), np.int64), "weights": np.ones((2, 3), np.float32)})
+    runtime.handle(task)
+    np.testing.assert_array_equal(task.outputs["total"], np.full(2, 3, np.float32))
+
+
 def test_read_only_and_reversed_inputs_are_served_and_left_unwritten(models: dict[str, Path]) -> None:
     """Request tensors may be read-only views of the request body, a pre-processing step's a reversed view."""
     runtime = started(TorchRuntime(str(models["conv"])))
@@ -345,3 +361,43 @@ def test_bad_files_name_the_file_and_the_runtime(models: dict[str, Path], name: 
         TorchRuntime(str(path)).metadata()
     assert "runtime 'torch'" in str(raised.value)
     assert repr(str(path)) in str(raised.value)
+
+
+def test_served_by_the_pod_over_a_socket(models: dict[str, Path], start_server: Callable[..., Server]) -> None:
+    """The .pt2 conv net as a runtime step: metadata from the model, requests of N rows (JSON and binary
+    tensors, sent together so that the step joins them) answered as the model answers in process."""
+    step = {"name": "model", "runtime": "torch", "model": str(models["conv"]), "batch_size": 8, "batch_timeout": 0.05}
+    server = start_server({"version": 1, "name": "conv", "steps": [step]})
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"), concurrency=4)
+    try:
+        metadata = client.get_model_metadata("conv")
+        assert metadata["inputs"] == [
+            {"name": "image", "datatype": "FP32", "shape": [-1, 3, 8, 8]},
+            {"name": "scale", "datatype": "FP32", "shape": [-1, 1]},
+        ]
+        assert metadata["outputs"] == [
+            {"name": "output__0", "datatype": "FP32", "shape": [-1, 3]},
+            {"name": "output__1", "datatype": "FP32", "shape": [-1, 4]},
+        ]
+        rng = np.random.default_rng(6)
+        sent = []
+        for rows, binary in [(1, False), (3, True), (2, False), (4, True)]:
+            image = rng.standard_normal((rows, 3, 8, 8), dtype=np.float32)
+            scale = rng.standard_normal((rows, 1), dtype=np.float32)
+            inputs = [
+                triton.InferInput("image", list(image.shape), "FP32"),
+                triton.InferInput("scale", [rows, 1], "FP32"),
+            ]
+            inputs[0].set_data_from_numpy(image, binary_data=binary)
+            inputs[1].set_data_from_numpy(scale, binary_data=binary)
+            outputs = [triton.InferRequestedOutput(f"output__{i}", binary_data=binary) for i in range(2)]
+            sent.append((image, scale, client.async_infer("conv", inputs, outputs=outputs)))
+        direct = torch.export.load(str(models["conv"])).module()
+        for image, scale, request in sent:
+            result = request.get_result(timeout=30)
+            with torch.inference_mode():
+                expected = direct(torch.from_numpy(image), torch.from_numpy(scale))
+            for i, tensor in enumerate(expected):
+                np.testing.assert_allclose(result.as_numpy(f"output__{i}"), tensor.numpy(), rtol=1e-5, atol=1e-6)
+    finally:
+        client.close()

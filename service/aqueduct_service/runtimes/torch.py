@@ -159,8 +159,10 @@ class TorchRuntime(ModelRuntime):
         """Load the model on ``device`` and cast it to ``dtype``."""
         import torch
 
+        if self._signature is None:  # metadata read elsewhere (another process): read the call signature here
+            self.read_metadata()
         signature = self._signature
-        assert signature is not None, "metadata() runs before load()"
+        assert signature is not None
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError(
