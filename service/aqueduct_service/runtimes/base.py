@@ -180,10 +180,11 @@ class ModelRuntime(BaseTaskHandler):
         else:
             joined = {name: np.concatenate([arrays[i] for arrays in per_task]) for i, name in enumerate(names)}
         outputs = self.run(joined)
-        bounds = np.cumsum(rows)[:-1]
         for name, array in outputs.items():
-            for task, part in zip(tasks, _split(array, bounds, len(tasks)), strict=True):
-                task.outputs[name] = part
+            start = 0
+            for task, count in zip(tasks, rows, strict=True):  # slices: np.split costs a few µs a part
+                task.outputs[name] = array[start : start + count]
+                start += count
 
 
 def worker_threads() -> int:
@@ -203,10 +204,6 @@ def _input_of(task: InferenceTask, name: str) -> np.ndarray:
     """A model input: set by an earlier step in ``task.outputs``, else the request's."""
     value = task.outputs.get(name)
     return task.inputs[name] if value is None else value
-
-
-def _split(array: np.ndarray, bounds: np.ndarray, parts: int) -> Sequence[np.ndarray]:
-    return [array] if parts == 1 else np.split(array, bounds)
 
 
 def option_key(key: str) -> str:
