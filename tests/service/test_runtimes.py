@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ import yaml
 from aqueduct_service.errors import InferenceError
 from aqueduct_service.inference import check_inputs
 from aqueduct_service.pipeline import build_flow, resolve_settings
-from aqueduct_service.runtimes import RUNTIMES, ModelLoadError, runtime_class
+from aqueduct_service.runtimes import RUNTIMES, ModelLoadError, ModelRuntime, runtime_class
+from aqueduct_service.runtimes.lightgbm import LightGBMRuntime
 from aqueduct_service.runtimes.onnx import OnnxRuntime
 from aqueduct_service.runtimes.sklearn import SklearnRuntime
+from aqueduct_service.runtimes.xgboost import XGBoostRuntime
 from aqueduct_service.settings import (
     ConfigError,
     Settings,
@@ -32,7 +35,14 @@ from aqueduct_service.settings import (
 from aqueduct_service.task import InferenceTask
 
 from tests.service.conftest import REPO, server_env
-from tests.service.runtime_models import make_onnx_fixed, make_onnx_linear, make_sklearn
+from tests.service.runtime_models import (
+    FEATURES,
+    make_lightgbm,
+    make_onnx_fixed,
+    make_onnx_linear,
+    make_sklearn,
+    make_xgboost,
+)
 
 LINEAR_INPUTS = (TensorSpec("x", "FP32", (-1, 4)),)
 LINEAR_OUTPUTS = (TensorSpec("y", "FP32", (-1, 3)), TensorSpec("norm", "FP32", (-1,)))
@@ -238,6 +248,27 @@ def test_sklearn_string_labels_are_bytes(models: dict[str, Path]) -> None:
     runtime.load()
     labels = runtime.run({"input": np.array([[3.0, 0, 0, 0, 0, 0], [-3.0, 0, 0, 0, 0, 0]])})["predict"]
     assert labels.tolist() == ["dog", "cat"]
+
+
+@pytest.mark.parametrize(
+    ("make", "runtime", "inputs", "outputs"),
+    [
+        (lambda d: make_xgboost(d, ".ubj")[0], XGBoostRuntime, ("FP32", (-1, FEATURES)), ("FP32", (-1, 3))),
+        (lambda d: make_lightgbm(d, "binary")[0], LightGBMRuntime, ("FP64", (-1, FEATURES)), ("FP64", (-1,))),
+    ],
+    ids=["xgboost-ubj", "lightgbm-binary"],
+)
+def test_booster_metadata(
+    tmp_path: Path,
+    make: Callable[[Path], Path],
+    runtime: type[ModelRuntime],
+    inputs: tuple[str, tuple[int, ...]],
+    outputs: tuple[str, tuple[int, ...]],
+) -> None:
+    metadata = runtime(str(make(tmp_path))).metadata()
+    assert metadata.inputs == (TensorSpec("input", *inputs),)
+    assert metadata.outputs == (TensorSpec("predict", *outputs),)
+    assert metadata.batched
 
 
 # ---------------------------------------------------------------- bad model files: exit status 2
