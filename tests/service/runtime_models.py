@@ -167,6 +167,22 @@ def make_lightgbm(directory: Path, objective: str = "multiclass") -> tuple[Path,
     return path, booster
 
 
+def make_onnx_text(directory: Path) -> Path:
+    """A graph of string tensors: ``words`` ``[n]`` in, ``same`` (Identity) out."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["words"], ["same"])],
+        "text",
+        [helper.make_tensor_value_info("words", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["n"])],
+    )
+    path = directory / "text.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
 class Standardise(BaseTaskHandler):
     """Pre-processing before a model step: ``raw`` (FP64 ``[rows, 4]``) -> ``x`` (FP32), ``(raw - shift) / 2``."""
 

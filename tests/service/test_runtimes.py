@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from aqueduct_service.errors import InferenceError
-from aqueduct_service.inference import check_inputs
+from aqueduct_service.inference import check_inputs, datatype_of
 from aqueduct_service.pipeline import build_flow, resolve_settings
 from aqueduct_service.runtimes import RUNTIMES, ModelLoadError, ModelRuntime, runtime_class
 from aqueduct_service.runtimes.lightgbm import LightGBMRuntime
@@ -40,6 +40,7 @@ from tests.service.runtime_models import (
     make_lightgbm,
     make_onnx_fixed,
     make_onnx_linear,
+    make_onnx_text,
     make_sklearn,
     make_xgboost,
 )
@@ -231,6 +232,16 @@ def test_onnx_joins_tasks_rows_and_splits_the_outputs(models: dict[str, Path]) -
         assert task.outputs["y"].shape == (len(x), 3)
         np.testing.assert_allclose(task.outputs["y"], alone["y"], rtol=1e-6)
         np.testing.assert_allclose(task.outputs["norm"], alone["norm"], rtol=1e-6)
+
+
+def test_onnx_string_tensors_are_bytes(tmp_path: Path) -> None:
+    runtime = OnnxRuntime(str(make_onnx_text(tmp_path)), threads=1)
+    assert runtime.metadata().inputs == (TensorSpec("words", "BYTES", (-1,)),)
+    runtime.on_start()
+    task = InferenceTask({"words": np.array([b"caf\xc3\xa9", b"tea"])}, {})
+    runtime.handle(task)
+    assert datatype_of(task.outputs["same"]) == "BYTES"
+    assert task.outputs["same"].tolist() == ["caf\u00e9", "tea"]
 
 
 def test_onnx_on_cuda_needs_the_cuda_provider(models: dict[str, Path]) -> None:

@@ -57,6 +57,7 @@ class OnnxRuntime(ModelRuntime):
         self._session: Any = None
         self._outputs: list[str] = []
         self._bytes_inputs: set[str] = set()
+        self._bytes_outputs: set[str] = set()
 
     def read_metadata(self) -> ModelMetadata:
         import onnxruntime as ort
@@ -102,11 +103,15 @@ class OnnxRuntime(ModelRuntime):
             )
         self._outputs = [spec.name for spec in self.metadata().outputs]
         self._bytes_inputs = {spec.name for spec in self.metadata().inputs if spec.datatype == "BYTES"}
+        self._bytes_outputs = {spec.name for spec in self.metadata().outputs if spec.datatype == "BYTES"}
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         feed = {name: _text(array) if name in self._bytes_inputs else array for name, array in inputs.items()}
         results = self._session.run(self._outputs, feed)
-        return dict(zip(self._outputs, results, strict=True))
+        return {
+            name: result.astype(str) if name in self._bytes_outputs else result  # str objects -> numpy U
+            for name, result in zip(self._outputs, results, strict=True)
+        }
 
 
 def _dim(dim: Any) -> int:
