@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 from collections.abc import Sequence
 
 import kopf
+
+from aqueduct_operator import policy
 
 DEFAULT_LIVENESS = "http://0.0.0.0:8081/healthz"
 
@@ -35,6 +38,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        policy.from_environ(os.environ)  # read again at each reconcile; a bad one stops the operator here
+    except policy.PolicyError as e:
+        raise SystemExit(f"aqueduct-operator: {policy.POLICY_ENV}: {e}") from None
     priority = args.priority
     if args.peering and priority is None:
         # kopf pauses every replica that shares the highest priority: distinct ones make exactly one active.

@@ -31,6 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.utils.quantity import parse_quantity
 
 from aqueduct_operator import GROUP, PLURAL, VERSION, status
+from aqueduct_operator.policy import Policy
 from aqueduct_operator.render import (
     AUTOSCALER,
     OPTIONAL_KINDS,
@@ -61,6 +62,7 @@ GENERIC_KINDS: dict[str, tuple[str, str, str]] = {
     "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
     "PodMonitor": ("monitoring.coreos.com", "v1", "podmonitors"),
     "PrometheusRule": ("monitoring.coreos.com", "v1", "prometheusrules"),
+    "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
 }
 
 # (event type, reason, message) about the Pipeline; the handlers post them as Kubernetes Events.
@@ -356,12 +358,12 @@ def _write_status(
 
 def reconcile(
     cluster: Cluster, namespace: str, name: str, emit: Emit, default_image: str | None = None,
-    runtime_images: Mapping[str, str] | None = None,
+    runtime_images: Mapping[str, str] | None = None, policy: Policy | None = None,
 ) -> dict[str, Any] | None:
     """Bring the Pipeline ``namespace/name``'s children and status in line with its spec.
 
-    ``default_image`` and ``runtime_images`` serve Pipelines without ``spec.image`` (see
-    :func:`aqueduct_operator.spec.parse`).
+    ``default_image`` and ``runtime_images`` serve Pipelines without ``spec.image``; ``policy`` is what
+    Pipelines may use (see :func:`aqueduct_operator.spec.parse`).
 
     Returns the status written (or kept), None when the Pipeline is gone or being deleted.
     Transient API failures (5xx, timeouts) propagate, for the caller to retry later.
@@ -373,7 +375,7 @@ def reconcile(
         generation = int(body["metadata"].get("generation") or 0)
         previous = body.get("status") or {}
         try:
-            spec = parse(body, default_image, runtime_images)
+            spec = parse(body, default_image, runtime_images, policy)
         except InvalidSpec as e:
             new = status.failed(generation, status.Failure("InvalidSpec", str(e)), previous, now())
             _write_status(cluster, body, new, emit)

@@ -16,7 +16,7 @@ import urllib3.exceptions
 from kubernetes import config
 from kubernetes.client.exceptions import ApiException
 
-from aqueduct_operator import API_VERSION, GROUP, KIND, PLURAL, VERSION, images
+from aqueduct_operator import API_VERSION, GROUP, KIND, PLURAL, VERSION, images, policy
 from aqueduct_operator.apply import Cluster, reconcile
 from aqueduct_operator.images import IMAGE_ENV
 from aqueduct_operator.render import MANAGED_BY, PIPELINE_LABEL
@@ -55,7 +55,7 @@ def _run(memo: Any, namespace: str | None, name: str, uid: str | None = None) ->
 
     try:
         reconcile(memo.cluster, namespace, name, emit, default_image=os.environ.get(IMAGE_ENV) or None,
-                  runtime_images=images.from_environ(os.environ))
+                  runtime_images=images.from_environ(os.environ), policy=policy.from_environ(os.environ))
     except ApiException as e:
         raise kopf.TemporaryError(f"API error {e.status} {e.reason}", delay=RETRY_DELAY) from e
     except urllib3.exceptions.HTTPError as e:

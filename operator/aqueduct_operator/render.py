@@ -1,6 +1,6 @@
 """Pure rendering: a ``Pipeline`` -> the ConfigMap, Deployment and Service that serve it, plus the optional
-children: an autoscaler (HorizontalPodAutoscaler or KEDA ScaledObject), a PodDisruptionBudget, and the
-prometheus-operator PodMonitor and objectives PrometheusRule.
+children: an autoscaler (HorizontalPodAutoscaler or KEDA ScaledObject), a PodDisruptionBudget, the
+prometheus-operator PodMonitor and objectives PrometheusRule, and a NetworkPolicy.
 
 No I/O and no clock: the same Pipeline always renders the same objects, byte for byte, which is what
 makes reconciliation idempotent and lets unit tests call :func:`desired_objects` directly.
@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from aqueduct_operator import API_VERSION, KIND, storage
+from aqueduct_operator.policy import Policy, quantity
 from aqueduct_operator.spec import Autoscaling, PipelineSpec, Step, Tensor, parse
 
 CONFIG_DIR = "/etc/aqueduct"
@@ -46,6 +47,14 @@ QUEUE_CAPACITY_RECORD = "aqueduct:pipeline_queue_capacity"
 LATENCY_TARGET_RECORD = "aqueduct:pipeline_latency_target_seconds"
 PIPELINE_LABEL = "aqueduct.dev/pipeline"
 MANAGED_BY = "aqueduct-operator"
+# The serving pod's defaults (service/aqueduct_service/settings.py; tests/contract checks): each front end's
+# arena, the largest request body, and the most front ends it starts by itself.
+POD_ARENA_BYTES = 32 * 1024 * 1024
+POD_MAX_BODY_BYTES = 64 * 1024 * 1024
+POD_MAX_FRONT_ENDS = 8
+# A model worker's output arena (aqueduct/_runtime/worker.py OUTPUT_ARENA_BYTES; tests/contract checks).
+OUTPUT_ARENA_BYTES = 32 * 1024 * 1024
+MIB = 1024 * 1024
 
 
 def config_name(name: str) -> str:
@@ -202,6 +211,33 @@ def _topology_spread(spec: PipelineSpec) -> list[dict[str, Any]]:
     ]
 
 
+def front_ends(spec: PipelineSpec) -> int:
+    """The serving pod's HTTP processes: ``spec.server.workers``, else what the pod picks for its CPU limit
+    (1 below 4 CPUs, else half of them, at most 8); without a CPU limit the node decides: assume the most."""
+    if spec.workers is not None:
+        return spec.workers
+    cpu = spec.resources.get("limits", {}).get("cpu")
+    if cpu is None:
+        return POD_MAX_FRONT_ENDS
+    cpus = float(quantity(cpu))
+    return 1 if cpus < 4 else min(POD_MAX_FRONT_ENDS, int(cpus // 2))
+
+
+def shm_size_limit(spec: PipelineSpec) -> str:
+    """``sizeLimit`` of the pod's ``/dev/shm``: every front end's arena (one with a single process), a 32 MiB
+    output arena per model worker, and room for two request bodies' worth of segments outside the arenas
+    (a body or output larger than its arena's free space gets a segment of its own). Rounded up to MiB.
+
+    The limit caps the tmpfs: a write past it fails (SIGBUS in the writer), so it errs on the large side; the
+    memory it allows counts against the container's memory limit, which must be larger.
+    """
+    arena = spec.arena_bytes if spec.arena_bytes is not None else POD_ARENA_BYTES
+    body = spec.max_body_bytes if spec.max_body_bytes is not None else POD_MAX_BODY_BYTES
+    model_workers = sum(step.nprocs for step in spec.steps)
+    total = front_ends(spec) * arena + model_workers * OUTPUT_ARENA_BYTES + 2 * body
+    return f"{-(-total // MIB)}Mi"
+
+
 def deployment(spec: PipelineSpec, checksum: str) -> dict[str, Any]:
     start_timeout = spec.start_timeout if spec.start_timeout is not None else DEFAULT_START_TIMEOUT
     container: dict[str, Any] = {
@@ -264,7 +300,7 @@ def deployment(spec: PipelineSpec, checksum: str) -> dict[str, Any]:
         },
         "volumes": [
             {"name": "config", "configMap": {"name": config_name(spec.name)}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size_limit(spec)}},
             {"name": "tmp", "emptyDir": {}},
         ],
     }
@@ -484,8 +520,38 @@ def prometheus_rule(spec: PipelineSpec) -> dict[str, Any]:
     }
 
 
+def _namespaces(names: tuple[str, ...]) -> dict[str, Any]:
+    return {"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": list(names)}
+    ]}}
+
+
+def network_policy(spec: PipelineSpec) -> dict[str, Any]:
+    """``spec.networkPolicy``: the pods admit the HTTP port from their own namespace's pods, from
+    ``ingressNamespaces`` (inference) and from ``metricsNamespaces`` (Prometheus scraping ``/metrics``).
+
+    ``/metrics`` is served on the inference port, and a NetworkPolicy admits ports, not paths: a metrics
+    namespace can reach the inference API too. Egress is left open (model downloads, a handler's calls).
+    """
+    access = spec.network_policy
+    port = [{"protocol": "TCP", "port": HTTP_PORT}]
+    rules: list[dict[str, Any]] = [{"from": [{"podSelector": {}}], "ports": port}]
+    if access.ingress_namespaces:
+        rules.append({"from": [_namespaces(access.ingress_namespaces)], "ports": port})
+    if access.metrics_namespaces:
+        rules.append({"from": [_namespaces(access.metrics_namespaces)], "ports": port})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(spec, spec.name),
+        "spec": {"podSelector": {"matchLabels": selector_labels(spec)}, "policyTypes": ["Ingress"], "ingress": rules},
+    }
+
+
 # Kinds the operator renders only for some Pipelines; one it no longer renders is deleted.
-OPTIONAL_KINDS = ("HorizontalPodAutoscaler", "ScaledObject", "PodDisruptionBudget", "PodMonitor", "PrometheusRule")
+OPTIONAL_KINDS = (
+    "HorizontalPodAutoscaler", "ScaledObject", "PodDisruptionBudget", "PodMonitor", "PrometheusRule", "NetworkPolicy"
+)
 
 
 def optional_children(spec: PipelineSpec) -> list[dict[str, Any]]:
@@ -496,6 +562,8 @@ def optional_children(spec: PipelineSpec) -> list[dict[str, Any]]:
         objs.append(make(spec, spec.autoscaling))
     if spec.monitoring.prometheus_operator:
         objs += [pod_monitor(spec), prometheus_rule(spec)]
+    if spec.network_policy.enabled:
+        objs.append(network_policy(spec))
     return [obj for obj in objs if obj is not None]
 
 
@@ -506,15 +574,19 @@ def child_names(spec: PipelineSpec) -> dict[str, str]:
 
 def render(spec: PipelineSpec) -> list[dict[str, Any]]:
     """The desired children of a validated Pipeline, in apply order: ConfigMap, Deployment, Service, then
-    the optional ones (PodDisruptionBudget, the autoscaler, PodMonitor, PrometheusRule)."""
+    the optional ones (PodDisruptionBudget, the autoscaler, PodMonitor, PrometheusRule, NetworkPolicy)."""
     cm = configmap(spec)
     return [cm, deployment(spec, config_checksum(cm["data"][CONFIG_FILE])), service(spec), *optional_children(spec)]
 
 
 def desired_objects(
-    body: Mapping[str, Any], default_image: str | None = None, runtime_images: Mapping[str, str] | None = None
+    body: Mapping[str, Any],
+    default_image: str | None = None,
+    runtime_images: Mapping[str, str] | None = None,
+    policy: Policy | None = None,
 ) -> list[dict[str, Any]]:
-    """``Pipeline`` object -> desired objects (images as :func:`~aqueduct_operator.spec.parse` picks them).
+    """``Pipeline`` object -> desired objects (images and policy as :func:`~aqueduct_operator.spec.parse` takes
+    them).
 
     Raises :class:`~aqueduct_operator.spec.InvalidSpec`."""
-    return render(parse(body, default_image, runtime_images))
+    return render(parse(body, default_image, runtime_images, policy))

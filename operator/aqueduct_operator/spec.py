@@ -14,8 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from aqueduct_operator import policy as policies
 from aqueduct_operator.images import RUNTIMES, runtime_image
+from aqueduct_operator.policy import NetworkAccess, Policy, Violation
 from aqueduct_operator.storage import (
+    DNS1123_LABEL_RE,
     MODEL_PATH_ENV,
     Model,
     StorageError,
@@ -71,6 +74,7 @@ SPEC_FIELDS = frozenset(
         "topologySpreadConstraints",
         "monitoring",
         "batchDim",
+        "networkPolicy",
     }
 )
 STEP_FIELDS = frozenset(
@@ -191,6 +195,7 @@ class PipelineSpec:
     topology_spread: tuple[Mapping[str, Any], ...] = ()
     monitoring: Monitoring = field(default_factory=Monitoring)
     batch_dim: bool | None = None
+    network_policy: NetworkAccess = NetworkAccess()
 
 
 def _is_int(value: Any) -> bool:
@@ -497,6 +502,32 @@ def _monitoring(raw: Any, path: str) -> Monitoring:
     )
 
 
+def _namespaces(raw: Any, path: str) -> tuple[str, ...]:
+    names = [_str(item, f"{path}[{i}]") for i, item in enumerate(_list(raw, path))]
+    for i, name in enumerate(names):
+        if len(name) > 63 or not DNS1123_LABEL_RE.match(name):
+            raise InvalidSpec(f"{path}[{i}]", f"must be a namespace's name, got {name!r}")
+    return tuple(sorted(set(names)))
+
+
+def _network_policy(raw: Any, path: str, default: NetworkAccess) -> NetworkAccess:
+    """``spec.networkPolicy``; each field left out keeps the operator's default (chart pipelinePolicy)."""
+    obj = _mapping(raw, path)
+    _unknown(obj, frozenset({"enabled", "ingressNamespaces", "metricsNamespaces"}), path)
+    enabled = obj.get("enabled", default.enabled)
+    if not isinstance(enabled, bool):
+        raise InvalidSpec(f"{path}.enabled", f"must be true or false, got {enabled!r}")
+    return NetworkAccess(
+        enabled=enabled,
+        ingress_namespaces=default.ingress_namespaces
+        if obj.get("ingressNamespaces") is None
+        else _namespaces(obj["ingressNamespaces"], f"{path}.ingressNamespaces"),
+        metrics_namespaces=default.metrics_namespaces
+        if obj.get("metricsNamespaces") is None
+        else _namespaces(obj["metricsNamespaces"], f"{path}.metricsNamespaces"),
+    )
+
+
 def _image(
     spec: Mapping[str, Any], steps: tuple[Step, ...], default_image: str | None, runtime_images: Mapping[str, str]
 ) -> str:
@@ -534,13 +565,19 @@ def _step_models(steps: tuple[Step, ...], model: Model | None) -> tuple[Step, ..
 
 
 def parse(
-    body: Mapping[str, Any], default_image: str | None = None, runtime_images: Mapping[str, str] | None = None
+    body: Mapping[str, Any],
+    default_image: str | None = None,
+    runtime_images: Mapping[str, str] | None = None,
+    policy: Policy | None = None,
 ) -> PipelineSpec:
     """Validate a ``Pipeline`` object (as the API returns it) into a :class:`PipelineSpec`.
 
     Without ``spec.image``, a Pipeline with runtime steps runs its runtime's image (``runtime_images``, by
     runtime name; one not given is derived from ``default_image``, see :mod:`aqueduct_operator.images`),
     and a Pipeline of handlers only runs ``default_image`` (the operator passes its own image).
+
+    ``policy`` (default: :class:`~aqueduct_operator.policy.Policy`'s defaults) says which volumes, service
+    accounts and Secrets the Pipeline may use, and gives the requests, limits and network policy it leaves out.
 
     Raises:
         InvalidSpec: naming the first offending field.
@@ -610,6 +647,17 @@ def parse(
         for i, item in enumerate(env):
             if item["name"] == MODEL_PATH_ENV:
                 raise InvalidSpec(f"spec.env[{i}].name", f"{MODEL_PATH_ENV} is set by the operator from spec.model")
+    policy = policy or Policy()
+    try:
+        policies.check(
+            policy,
+            volumes=volumes,
+            env=env,
+            service_account=None if service_account is None else _str(service_account, "spec.serviceAccountName"),
+            s3_secret=None if model is None else model.s3.secret_name,
+        )
+    except Violation as e:
+        raise InvalidSpec(f"spec.{e.field}", e.message) from None
     steps = _step_models(steps, model)
     batch_dim = spec.get("batchDim")
     if batch_dim is not None and not isinstance(batch_dim, bool):
@@ -647,7 +695,9 @@ def parse(
         arena_bytes=None
         if server.get("arenaBytes") is None
         else _int(server["arenaBytes"], "spec.server.arenaBytes", lo=0),
-        resources=_resources(spec.get("resources") or {}, "spec.resources"),
+        resources=policies.with_default_resources(
+            _resources(spec.get("resources") or {}, "spec.resources"), policy.resources
+        ),
         env=env,
         node_selector=_string_map(spec.get("nodeSelector") or {}, "spec.nodeSelector"),
         tolerations=_tolerations(spec.get("tolerations", []), "spec.tolerations"),
@@ -667,4 +717,5 @@ def parse(
         topology_spread=_topology_spread(spec.get("topologySpreadConstraints", []), "spec.topologySpreadConstraints"),
         monitoring=_monitoring(spec.get("monitoring") or {}, "spec.monitoring"),
         batch_dim=batch_dim,
+        network_policy=_network_policy(spec.get("networkPolicy") or {}, "spec.networkPolicy", policy.network_policy),
     )

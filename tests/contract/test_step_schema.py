@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 import yaml
 from aqueduct_operator.images import RUNTIMES
+from aqueduct_operator.policy import Policy
 from aqueduct_operator.render import desired_objects
 from aqueduct_operator.spec import InvalidSpec, parse
 from hypothesis import HealthCheck, given, settings
@@ -130,7 +131,8 @@ def test_top_level_constraints_agree() -> None:
 
 
 def validate_config(body: dict[str, Any]) -> dict[str, Any]:
-    cm = next(obj for obj in desired_objects(body, default_image="aqueduct:dev") if obj["kind"] == "ConfigMap")
+    objs = desired_objects(body, default_image="aqueduct:dev", policy=Policy(secrets=frozenset({"*"})))
+    cm = next(obj for obj in objs if obj["kind"] == "ConfigMap")
     config = yaml.safe_load(cm["data"]["config.yaml"])
     jsonschema.Draft202012Validator(crd.config_schema()).validate(config)
     return config

@@ -68,6 +68,8 @@ BUILTINS: dict[str, dict[str, Any]] = {
                                                 "verbs": VERBS, "subresources": ["status"]},
     "policy/v1/poddisruptionbudgets": {"kind": "PodDisruptionBudget", "singular": "poddisruptionbudget",
                                        "namespaced": True, "verbs": VERBS, "subresources": ["status"]},
+    "networking.k8s.io/v1/networkpolicies": {"kind": "NetworkPolicy", "singular": "networkpolicy",
+                                             "namespaced": True, "verbs": VERBS},
 }
 
 

@@ -52,7 +52,8 @@ def test_schema_has_cel_rules_for_unique_names() -> None:
 def test_valid_examples_pass_schema_and_operator(path: pathlib.Path) -> None:
     body = crd.load_yaml(path)
     assert crd.errors(body) == []
-    parse(body, default_image="aqueduct:dev")  # the chart gives the operator its image (AQUEDUCT_OPERATOR_IMAGE)
+    # The chart gives the operator its image (AQUEDUCT_OPERATOR_IMAGE) and its policy (AQUEDUCT_PIPELINE_POLICY).
+    parse(body, default_image="aqueduct:dev", policy=crd.EXAMPLES_POLICY)
 
 
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.name)

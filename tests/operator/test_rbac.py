@@ -13,7 +13,7 @@ from tests.operator.test_operator_kmock import NS, condition, create, get_pipeli
 
 OPERATOR_AGENTS = ("kopf/", "aqueduct-operator")
 OPTIONAL_RESOURCES = {"horizontalpodautoscalers", "scaledobjects", "poddisruptionbudgets", "podmonitors",
-                      "prometheusrules"}
+                      "prometheusrules", "networkpolicies"}
 
 
 def test_rules_are_least_privilege() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from aqueduct_operator import status
+from aqueduct_operator.policy import Policy
 from aqueduct_operator.render import desired_objects
 from aqueduct_operator.spec import InvalidSpec, parse
 
@@ -24,7 +25,7 @@ def with_spec(**changes: Any) -> dict[str, Any]:
 
 
 def pod_of(body: dict[str, Any], default_image: str | None = None) -> dict[str, Any]:
-    objs = desired_objects(body, default_image)
+    objs = desired_objects(body, default_image, policy=Policy(secrets=frozenset({"minio-creds", "minio-credentials"})))
     for obj in objs:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     pod: dict[str, Any] = by_kind(objs)["Deployment"]["spec"]["template"]["spec"]
