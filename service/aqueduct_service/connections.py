@@ -11,13 +11,17 @@ one byte a second or a few thousand idle connections hold a front end. Here, per
   (uvicorn's own timer), one that never sends a byte after ``header_timeout`` (``408``, closed);
 - the body must arrive within ``body_timeout`` seconds of its head, else the connection is closed
   (the app sees the client gone); on SIGTERM a body still arriving gets ``SHUTDOWN_BODY_GRACE_S`` more;
-- beyond ``max_connections`` open connections in this process a new one is answered ``503`` with
-  ``Retry-After`` and closed at once, so that the process keeps its descriptors for the others.
+- at ``max_connections`` open connections in this process, a new one takes the place of the oldest
+  connection that has no request in progress (idle, kept alive, or still sending a head), which is
+  closed; when every one has a request in progress, the new one is answered ``503`` with
+  ``Retry-After`` and closed at once. So idle connections cannot lock clients out, and the process
+  keeps its descriptors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import resource
 from dataclasses import dataclass
 
@@ -44,6 +48,7 @@ def _response(status: bytes, extra: bytes = b"") -> bytes:
 _TOO_LARGE = _response(b"431 Request Header Fields Too Large")
 _TIMEOUT = _response(b"408 Request Timeout")
 _BUSY = _response(b"503 Service Unavailable", b"retry-after: 1\r\n")
+_opened = itertools.count()
 
 
 class GuardedProtocol(CombinedWritesProtocol):
@@ -57,16 +62,19 @@ class GuardedProtocol(CombinedWritesProtocol):
         self._in_head = True
         self._refused = False
         self._timer: asyncio.TimerHandle | None = None
-        if len(self.connections) >= self.limits.max_connections:
+        self._opened = next(_opened)  # the order connections came in (the loop's clock ticks per iteration)
+        self._served = False  # refused at once: uvicorn never saw it
+        if len(self.connections) >= self.limits.max_connections and not self._make_room():
             transport.write(_BUSY)
             transport.close()
             return
+        self._served = True
         super().connection_made(transport)
         self._arm(self.limits.header_timeout, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        if self in self.connections:
+        if self._served:
             super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -121,6 +129,23 @@ class GuardedProtocol(CombinedWritesProtocol):
     def _receiving_body(self) -> bool:
         cycle = self.cycle
         return self._timer is not None and not self._in_head and cycle is not None and cycle.more_body
+
+    def _make_room(self) -> bool:
+        """Whether a new connection may be served at the cap: connections closing already do not count,
+        else the oldest one with no request in progress is closed; False when every one has a request."""
+        live = [c for c in self.connections if not c.transport.is_closing()]
+        if len(live) < self.limits.max_connections:
+            return True
+        idle = [c for c in live if isinstance(c, GuardedProtocol) and c._between_requests()]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c._opened)
+        oldest._refuse(_TIMEOUT)
+        return True
+
+    def _between_requests(self) -> bool:
+        cycle = self.cycle
+        return not self._refused and (cycle is None or (cycle.response_complete and not self.pipeline))
 
     def _arm(self, delay: float, callback: object) -> None:
         self._disarm()

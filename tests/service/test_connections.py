@@ -96,19 +96,35 @@ def test_a_body_that_does_not_arrive_in_time_closes_the_connection(server: Serve
     assert server.client.get("/v2/health/ready").status_code == 200
 
 
-def test_beyond_max_connections_a_new_one_gets_503_and_the_server_goes_on(tmp_path: Path) -> None:
-    server = start(tmp_path, max_connections=8, header_timeout=60)
+def infer_head(body: bytes) -> bytes:
+    return f"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+BODY = b'{"inputs":[{"name":"x","shape":[1],"datatype":"INT64","data":[1]}]}'
+
+
+def test_at_max_connections_idle_ones_make_room_and_busy_ones_refuse(tmp_path: Path) -> None:
+    server = start(tmp_path, max_connections=8, header_timeout=60, body_timeout=60)
     held: list[socket.socket] = []
     try:
         server.client.close()  # no connection of ours but the ones below
-        held = [connect(server) for _ in range(12)]
-        refused = [sock for sock in held[8:] if status_of(sock.recv(65536)) == 503]
-        assert len(refused) == 4  # answered at once, and closed
-        assert all(read_until_closed(sock) == b"" for sock in refused)
-        for sock in held[:8]:
+        held = [connect(server) for _ in range(12)]  # idle: each new one beyond 8 closes the oldest idle one
+        assert all(status_of(read_until_closed(sock)) == 408 for sock in held[:4])
+        with connect(server) as sock:  # a client with a request still gets in
+            sock.sendall(infer_head(BODY))
+            assert status_of(sock.recv(65536)) == 200
+        for sock in held:
             sock.close()
-        with connect(server) as sock:  # the server goes on once the others let go
-            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        held = [connect(server) for _ in range(8)]
+        for sock in held:  # eight requests in progress: the server has read their heads, they send a body
+            sock.sendall(
+                infer_head(b"").replace(b"Content-Length: 0", b"Expect: 100-continue\r\nContent-Length: %d" % len(BODY))
+            )
+            assert status_of(sock.recv(65536)) == 100
+        with connect(server) as sock:  # no connection to give up: refused at once
+            assert status_of(read_until_closed(sock)) == 503
+        for sock in held:
+            sock.sendall(BODY)
             assert status_of(sock.recv(65536)) == 200
     finally:
         for sock in held:
