@@ -64,7 +64,7 @@ RUN mkdir -p /opt/runtime \
            --prefix /opt/runtime "$1[service,operator,$RUNTIME]" \
       && site="$(echo /opt/runtime/lib/python3*/site-packages)" \
       && rm -rf "$site"/aqueduct "$site"/aqueduct_service "$site"/aqueduct_operator \
-           "$site"/aqueduct_serving-*.dist-info /opt/runtime/bin \
+           "$site"/aqueduct_serving-*.dist-info /opt/runtime/bin/aqueduct-* \
       && for dist in "$site"/*.dist-info; do \
            name="${dist##*/}"; \
            for held in /opt/venv/lib/python3*/site-packages/"${name%%-*}"-*.dist-info; do \
