@@ -5,6 +5,7 @@ Code written for upstream ``aqueduct`` runs unchanged::
     from aqueduct import BaseTask, BaseTaskHandler, Flow, FlowStep
 """
 
+from ._runtime.shm import sweep_stale as sweep_stale_segments
 from .exceptions import (
     AqueductError,
     FlowError,
@@ -42,4 +43,5 @@ __all__ = [
     "TaskTimeoutError",
     "WorkerDiedError",
     "log",
+    "sweep_stale_segments",
 ]

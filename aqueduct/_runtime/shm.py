@@ -9,9 +9,12 @@ valid after its name is unlinked, so a receiver owns the memory as long as an ar
 from __future__ import annotations
 
 import itertools
+import math
 import mmap
 import os
+import re
 import secrets
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -193,4 +196,71 @@ def sweep(prefix: str) -> int:
         if name.startswith(prefix):
             unlink(name)
             removed += 1
+    return removed
+
+
+# Names of the segments aqueduct makes: a flow's ``aqd-<pid>-<random>-...``, a task's ``aqd-task-<pid>-<n>``.
+_SEGMENT_PID = re.compile(r"^aqd-(?:task-)?([0-9]+)-")
+# How much earlier than a process's start a segment must be to count as older (tick rounding, clock reads).
+_START_SLACK = 0.1
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (``time.time()`` seconds); None if no such process runs, -inf if it runs
+    but its start cannot be read (then nothing named for it is older than it)."""
+    if not 0 < pid < 2**31:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # it runs, as another user
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22, starttime, in clock ticks after boot
+    except (OSError, ValueError, IndexError):
+        return -math.inf
+    since_boot = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - since_boot
+
+
+def sweep_stale() -> int:
+    """Unlink the segments no running process made: those named for a pid that is not running, and those
+    named for a running pid but older than that process (it reuses a dead process's pid). Returns how many.
+
+    A pod's serving process calls this at start, before its flow makes segments: a container that was
+    killed leaves its segments in the pod's ``/dev/shm`` (an ``emptyDir`` that outlives the container), and
+    the restarted container's processes get the same pids again (its main process is pid 1 both times).
+    A segment's age is the older of its modification and status-change times; a running process's start is
+    read from ``/proc/<pid>/stat``. Safe only where every process sharing ``/dev/shm`` shares this pid
+    namespace (a pod's container with its own ``/dev/shm``; a host, not a container run with ``--ipc=host``).
+    Does nothing without ``/proc``.
+    """
+    if not os.path.isdir("/proc/self"):
+        return 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    starts: dict[int, float | None] = {}
+    removed = 0
+    for name in names:
+        match = _SEGMENT_PID.match(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid not in starts:
+            starts[pid] = _process_start(pid)
+        start = starts[pid]
+        if start is not None:
+            try:
+                info = os.stat(os.path.join(SHM_DIR, name))
+            except FileNotFoundError:
+                continue
+            if min(info.st_mtime, info.st_ctime) >= start - _START_SLACK:
+                continue
+        unlink(name)
+        removed += 1
     return removed

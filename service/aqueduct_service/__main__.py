@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from aqueduct import sweep_stale_segments
+
 from .app import create_app
 from .health import ServingState
 from .pipeline import build_flow, resolve_settings
@@ -47,6 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the serving pod; returns the process exit code."""
     args = parse_args(argv)
+    sweep_stale_segments()  # what a killed container of this pod left in /dev/shm, before the flow makes its own
     sys.path.insert(0, os.path.abspath(args.app_dir))
     try:
         settings = load_settings(args.config)

@@ -36,6 +36,15 @@ VALUE_SETS = {
         "--set",
         "operator.nodeSelector.pool=system",
     ],
+    "locked-down": [
+        "--set", "operator.networkPolicy.enabled=true",
+        "--set", "operator.networkPolicy.egress[0].ports[0].port=6443",
+        "--set", "operator.networkPolicy.egress[0].to[0].ipBlock.cidr=10.0.0.1/32",
+        "--set", "pipelinePolicy.volumeTypes={configMap,emptyDir}",
+        "--set", "pipelinePolicy.secrets={model-credentials}",
+        "--set", "pipelinePolicy.networkPolicy.enabled=true",
+        "--set", "pipelinePolicy.networkPolicy.metricsNamespaces={monitoring}",
+    ],
 }
 RBAC_RULES = CHART / "files" / "operator-rbac-rules.yaml"
 
@@ -87,6 +96,11 @@ def test_template_is_valid_kubernetes(helm: str, values: str, kube_version: str)
         "operator.unknownKey=1",
         "unknownTopLevel=1",
         "runtimeImages.tensorflow=tf:1",
+        "pipelinePolicy.volumeTypes={hostpath}",
+        "pipelinePolicy.secrets=db",
+        "pipelinePolicy.networkPolicy.metricsNamespaces={Monitoring}",
+        "pipelinePolicy.resources.limits.memory=lots",
+        "operator.networkPolicy.ingress=[]",
     ],
 )
 def test_values_schema_rejects(bad: str) -> None:
@@ -220,6 +234,50 @@ def test_runtime_images_can_be_set_one_by_one() -> None:
                       "sklearn": "mirror.example.com/ml/sk:7",
                       "xgboost": "mirror.example.com/ml/sk:7",  # xgboost follows the sklearn image
                       "lightgbm": "mirror.example.com/ml/lgbm:2"}
+
+
+def pipeline_policy(*values: str) -> Any:
+    """The policy the chart gives the operator, as the operator reads it from its environment."""
+    from aqueduct_operator import policy
+
+    (deployment,) = by_kind(objects(template("helm3", *values)), "Deployment")
+    env = {item["name"]: item["value"] for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+           if "value" in item}
+    return policy.from_environ(env)
+
+
+def test_the_default_pipeline_policy_is_the_operators() -> None:
+    """Without values the chart passes the same policy the operator applies when run without the chart."""
+    from aqueduct_operator.policy import DEFAULT_RESOURCES, DEFAULT_VOLUME_TYPES, Policy
+
+    assert pipeline_policy() == Policy()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["pipelinePolicy"]
+    assert values["volumeTypes"] == list(DEFAULT_VOLUME_TYPES) and values["resources"] == DEFAULT_RESOURCES
+
+
+def test_the_pipeline_policy_reaches_the_operator() -> None:
+    from aqueduct_operator.policy import NetworkAccess
+
+    got = pipeline_policy(*VALUE_SETS["locked-down"], "--set", "pipelinePolicy.serviceAccounts={reader}",
+                          "--set", "pipelinePolicy.serviceAccountTokens=true",
+                          "--set", "pipelinePolicy.resources.limits.memory=4Gi")
+    assert got.volume_types == {"configMap", "emptyDir"} and got.secrets == {"model-credentials"}
+    assert got.service_accounts == {"reader"} and got.service_account_tokens is True
+    assert got.resources == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+    assert got.network_policy == NetworkAccess(True, (), ("monitoring",))
+
+
+def test_the_operators_network_policy() -> None:
+    assert not by_kind(objects(template("helm3")), "NetworkPolicy")
+    docs = objects(template("helm3", "--set", "operator.networkPolicy.enabled=true"))
+    (netpol,) = by_kind(docs, "NetworkPolicy")
+    (deployment,) = by_kind(docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert netpol["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert netpol["spec"]["policyTypes"] == ["Ingress"] and netpol["spec"]["ingress"] == []
+    (netpol,) = by_kind(objects(template("helm3", *VALUE_SETS["locked-down"])), "NetworkPolicy")
+    assert netpol["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert netpol["spec"]["egress"] == [{"ports": [{"port": 6443}], "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]}]
 
 
 def test_operator_args_are_accepted_by_the_operator() -> None:

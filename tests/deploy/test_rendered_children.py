@@ -1,11 +1,15 @@
 """What the operator renders for each example Pipeline, validated offline as an API server would: built-in
 kinds (Deployment, HorizontalPodAutoscaler, PodDisruptionBudget, ...) against Kubernetes' schemas, the
-KEDA ScaledObject and the prometheus-operator PodMonitor and PrometheusRule against their vendored CRDs."""
+KEDA ScaledObject and the prometheus-operator PodMonitor and PrometheusRule against their vendored CRDs. The
+chart's policy lists the Secret resnet.yaml reads, and turns every example's NetworkPolicy on."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
+from aqueduct_operator.policy import NetworkAccess
 from aqueduct_operator.render import desired_objects
 
 from tests.operator import crd
@@ -13,6 +17,7 @@ from tests.operator import crd
 from .conftest import ROOT, validate_manifests
 
 KUBE_VERSIONS = ["1.28.0", "1.30.0", "1.37.0"]
+POLICY = dataclasses.replace(crd.EXAMPLES_POLICY, network_policy=NetworkAccess(True, ("gateway",), ("monitoring",)))
 EXAMPLES = [crd.EXAMPLES / "pipeline.yaml", *sorted(
     p for p in (crd.EXAMPLES / "pipelines").glob("*.yaml") if not p.name.startswith("invalid-")
 )]
@@ -23,13 +28,14 @@ def rendered() -> str:
     for path in EXAMPLES:
         body = crd.load_yaml(path)
         body["metadata"].update(namespace="default", uid="6f1a2b3c-0000-4000-8000-000000000001", generation=1)
-        objs += desired_objects(body, default_image="aqueduct:dev")  # resnet.yaml has no spec.image
+        objs += desired_objects(body, default_image="aqueduct:dev", policy=POLICY)  # resnet.yaml has no spec.image
     return yaml.safe_dump_all(objs, sort_keys=False)
 
 
 def test_examples_exercise_every_optional_kind() -> None:
     kinds = {doc["kind"] for doc in yaml.safe_load_all(rendered())}
-    assert {"HorizontalPodAutoscaler", "ScaledObject", "PodDisruptionBudget", "PodMonitor", "PrometheusRule"} <= kinds
+    assert {"HorizontalPodAutoscaler", "ScaledObject", "PodDisruptionBudget", "PodMonitor", "PrometheusRule",
+            "NetworkPolicy"} <= kinds
 
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)

@@ -1,0 +1,106 @@
+"""Stale shared-memory segments are swept at start: those of dead processes, and those older than the running
+process that now holds their pid (a restarted container's processes get the same pids); live ones stay."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aqueduct import sweep_stale_segments
+from aqueduct._runtime.shm import SHM_DIR
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+def made() -> Iterator[list[Path]]:
+    """Segment files a test makes; whatever is left is removed afterwards."""
+    paths: list[Path] = []
+    yield paths
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def segment(made: list[Path], name: str, age: float = 0.0) -> Path:
+    """A segment file named ``name`` whose modification time is ``age`` seconds ago."""
+    path = Path(SHM_DIR) / name
+    path.write_bytes(b"\0" * 4096)
+    if age:
+        then = time.time() - age
+        os.utime(path, (then, then))
+    made.append(path)
+    return path
+
+
+def dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True,
+                          text=True)
+    return int(proc.stdout)
+
+
+def tag() -> str:
+    return secrets.token_hex(4)
+
+
+@pytest.fixture
+def live_process() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_segments_of_dead_processes_go_and_live_ones_stay(
+    made: list[Path], live_process: subprocess.Popen[bytes]
+) -> None:
+    dead = dead_pid()
+    flow_of_dead = segment(made, f"aqd-{dead}-{tag()}-arena")
+    task_of_dead = segment(made, f"aqd-task-{dead}-{tag()}")
+    # A live process: what it made since it started stays, whatever its age; so do names not aqueduct's.
+    other = live_process.pid
+    of_live = segment(made, f"aqd-{other}-{tag()}-0")
+    of_this = segment(made, f"aqd-{os.getpid()}-{tag()}-0")
+    foreign = segment(made, f"not-aqd-{dead}-{tag()}")
+    # A segment named for the live pid but older than that process: its predecessor's (pid reuse).
+    predecessor = segment(made, f"aqd-{other}-{tag()}-arena", age=HOUR)
+
+    removed = sweep_stale_segments()
+
+    assert not flow_of_dead.exists() and not task_of_dead.exists() and not predecessor.exists()
+    assert of_live.exists() and of_this.exists() and foreign.exists()
+    assert removed >= 3
+    assert live_process.poll() is None
+
+
+def test_a_restarted_process_removes_what_its_pid_left_before_it_started(made: list[Path]) -> None:
+    """As in a restarted container: pid 1 again, the pod's /dev/shm kept. The new process (here, one whose
+    segment is dated before its start) removes the old one's, not those it makes itself."""
+    name = tag()
+    script = textwrap.dedent(f"""
+        import os, time
+        from pathlib import Path
+        from aqueduct import sweep_stale_segments
+        old = Path({SHM_DIR!r}) / f"aqd-{{os.getpid()}}-{name}-arena"
+        new = Path({SHM_DIR!r}) / f"aqd-{{os.getpid()}}-{name}-1"
+        old.write_bytes(b"x")
+        then = time.time() - {HOUR}
+        os.utime(old, (then, then))
+        new.write_bytes(b"x")
+        sweep_stale_segments()
+        print(old.exists(), new.exists())
+        new.unlink()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]
+
