@@ -28,6 +28,8 @@ from .errors import RETRY_AFTER_SECONDS, InferenceError, from_engine_error
 from .health import ServingState
 from .inference import check_inputs, check_requested_outputs, decode_request, encode_response
 from .metrics import HttpMetrics, MetricsMiddleware
+from .model_config import triton_model_config
+from .outputs import declared_outputs
 from .settings import Settings, TensorSpec
 from .task import InferenceTask
 
@@ -58,6 +60,7 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
     metrics = HttpMetrics(backend.http_registry)
     model = settings.name
     metadata = orjson.dumps(_model_metadata(settings))
+    model_config = orjson.dumps(triton_model_config(settings))
     server_metadata = orjson.dumps({"name": "aqueduct", "version": _version(), "extensions": ["binary_tensor_data"]})
 
     def model_or_404(request: Request) -> None:
@@ -84,6 +87,12 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
     async def model_metadata(request: Request) -> Response:
         model_or_404(request)
         return Response(metadata, media_type="application/json")
+
+    async def triton_config(request: Request) -> Response:
+        model_or_404(request)
+        if request.path_params.get("version", "1") != "1":
+            raise InferenceError(404, f"model {model!r} has no version {request.path_params['version']!r} (only 1)")
+        return Response(model_config, media_type="application/json")
 
     async def model_ready(request: Request) -> Response:
         model_or_404(request)
@@ -120,6 +129,8 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
         Route("/v2/health/ready", ready),
         Route("/v2/models/{name}", model_metadata),
         Route("/v2/models/{name}/ready", model_ready),
+        Route("/v2/models/{name}/config", triton_config),
+        Route("/v2/models/{name}/versions/{version}/config", triton_config),
         Route("/metrics", prometheus),
     ]
     return ServingApp(
@@ -229,7 +240,8 @@ class InferenceEndpoint:
                 await self.backend.process(task, timeout_sec=timeout, leases=(lease,) if lease else ())
             except FlowError as e:
                 raise from_engine_error(e) from None
-            payload, response_header_length = encode_response(self.settings.name, request, task.outputs)
+            outputs = declared_outputs(request, task.outputs, self.settings.outputs, bool(self.settings.batch_dim))
+            payload, response_header_length = encode_response(self.settings.name, request, outputs)
         finally:
             if lease:
                 lease.free()

@@ -152,7 +152,7 @@ def check_requested_outputs(request: InferRequest, declared: Sequence[TensorSpec
     """Reject requested outputs the model does not declare (skipped when none are declared)."""
     if not declared or request.outputs is None:
         return
-    names = {spec.name for spec in declared}
+    names = [spec.name for spec in declared]
     for name, _ in request.outputs:
         if name not in names:
             raise _bad(f"output {name!r} is not an output of this model (expected: {', '.join(names)})")
