@@ -238,6 +238,15 @@ def shm_size_limit(spec: PipelineSpec) -> str:
     return f"{-(-total // MIB)}Mi"
 
 
+def _fetch_resources(spec: PipelineSpec) -> dict[str, dict[str, str | int]]:
+    """The model download's requests and limits: the serving container's CPU, memory and ephemeral storage
+    (an init container runs alone, so this costs the pod nothing more), never its GPUs."""
+    kept = ("cpu", "memory", "ephemeral-storage")
+    resources = {kind: {name: value for name, value in values.items() if name in kept}
+                 for kind, values in spec.resources.items()}
+    return {kind: values for kind, values in resources.items() if values}
+
+
 def deployment(spec: PipelineSpec, checksum: str) -> dict[str, Any]:
     start_timeout = spec.start_timeout if spec.start_timeout is not None else DEFAULT_START_TIMEOUT
     container: dict[str, Any] = {
@@ -310,6 +319,9 @@ def deployment(spec: PipelineSpec, checksum: str) -> dict[str, Any]:
             pod_spec["initContainers"] = [storage.fetch_container(spec.model, spec.image, container["securityContext"])]
             if spec.image_pull_policy:
                 pod_spec["initContainers"][0]["imagePullPolicy"] = spec.image_pull_policy
+            fetch_resources = _fetch_resources(spec)
+            if fetch_resources:
+                pod_spec["initContainers"][0]["resources"] = fetch_resources
     pod_spec["volumes"] += [dict(volume) for volume in spec.volumes]
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name

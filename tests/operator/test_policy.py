@@ -199,6 +199,16 @@ def test_defaults_fill_what_the_pipeline_leaves_out(given: dict[str, Any], rende
     kubernetes_validate.validate(kinds(desired_objects(body(resources=given)))["Deployment"], K8S_VERSION, strict=True)
 
 
+def test_the_model_download_gets_the_serving_containers_cpu_and_memory_not_its_gpus() -> None:
+    model = {"storageUri": "https://models.example.com/r50.pt"}
+    resources = {"requests": {"cpu": 2, "memory": "4Gi"}, "limits": {"memory": "8Gi", "nvidia.com/gpu": 1}}
+    pod = kinds(desired_objects(body(model=model, resources=resources)))["Deployment"]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["resources"] == {"requests": {"cpu": 2, "memory": "4Gi"}, "limits": {"memory": "8Gi"}}
+    pod = kinds(desired_objects(body(model=model, resources={})))["Deployment"]["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["resources"] == pod["containers"][0]["resources"]  # the defaults
+
+
 # /dev/shm
 
 
