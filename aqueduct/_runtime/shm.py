@@ -257,10 +257,13 @@ def sweep_stale() -> int:
         if start is not None:
             try:
                 info = os.stat(os.path.join(SHM_DIR, name))
-            except FileNotFoundError:
+            except OSError:
                 continue
             if min(info.st_mtime, info.st_ctime) >= start - _START_SLACK:
                 continue
-        unlink(name)
+        try:
+            unlink(name)
+        except OSError:  # another user's, in a shared /dev/shm (sticky): theirs to remove
+            continue
         removed += 1
     return removed

@@ -104,3 +104,24 @@ def test_a_restarted_process_removes_what_its_pid_left_before_it_started(made: l
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "True"]
 
+
+
+def test_a_segment_that_cannot_be_removed_does_not_stop_the_sweep(
+    made: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user's segment in a shared /dev/shm (sticky: only its owner may remove it) is left; the pod starts."""
+    from aqueduct._runtime import shm
+
+    dead = dead_pid()
+    theirs = segment(made, f"aqd-{dead}-{tag()}-arena")
+    ours = segment(made, f"aqd-{dead}-{tag()}-0")
+    real_unlink = shm.unlink
+
+    def unlink(name: str) -> None:
+        if name == theirs.name:
+            raise PermissionError(1, "Operation not permitted", name)
+        real_unlink(name)
+
+    monkeypatch.setattr(shm, "unlink", unlink)
+    sweep_stale_segments()
+    assert theirs.exists() and not ours.exists()
