@@ -21,6 +21,7 @@ one sitting only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,52 +158,75 @@ def wrk(port: int, request: Request, body_file: str, lua: str, concurrency: int,
     return next(line for line in out.splitlines() if line.startswith("RESULT")).split()[1:]
 
 
-def bench(server: str, model: str, concurrencies: list[int], args: argparse.Namespace, tmp: str) -> list[Row]:
-    request = requests(server)[model]
-    body_file = os.path.join(tmp, f"{server}-{model}.body")
-    Path(body_file).write_bytes(request.body)
-    lua = os.path.join(tmp, "body.lua")
-    Path(lua).write_text(LUA)
-    port = free_port()
-    argv, env = command(server, model, port, args.mosec_python)
+@contextlib.contextmanager
+def serving(
+    name: str, argv: list[str], env: dict[str, str], port: int, request: Request, stop: int = signal.SIGTERM
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` in a session of its own, wait (300 s at most) until ``request`` on ``port`` answers
+    200, and stop it afterwards: signal ``stop``, then SIGKILL to its process group after 30 s."""
     proc = subprocess.Popen(
         argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    rows = []
     try:
         deadline = time.monotonic() + 300
         while post(port, request) != 200:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{server} did not start serving {model}")
+                raise RuntimeError(f"{name} did not start serving")
             time.sleep(0.2)
-        if args.warmup:
-            wrk(port, request, body_file, lua, max(concurrencies), args.warmup)
-        for concurrency in concurrencies:
-            before, start = group_cpu_seconds(proc.pid), time.perf_counter()
-            rps, count, errors, p50, p99 = wrk(port, request, body_file, lua, concurrency, args.duration)
-            cpu = group_cpu_seconds(proc.pid) - before
-            wall = time.perf_counter() - start
-            rows.append(
-                Row(
-                    server,
-                    model,
-                    concurrency,
-                    float(rps),
-                    float(p50),
-                    float(p99),
-                    int(errors),
-                    100 * cpu / wall,
-                    1e6 * cpu / max(1, int(count)),
-                )
-            )
-            time.sleep(args.settle)
+        yield proc
     finally:
-        os.kill(proc.pid, signal.SIGTERM if server != "mosec" else signal.SIGINT)
+        os.kill(proc.pid, stop)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def load(
+    server: str, model: str, pgid: int, port: int, files: tuple[Request, str, str], concurrency: int, seconds: float
+) -> Row:
+    """One level of wrk load (``files``: the request, its body file and the Lua script) on the server whose
+    processes are group ``pgid``."""
+    request, body_file, lua = files
+    before, start = group_cpu_seconds(pgid), time.perf_counter()
+    rps, count, errors, p50, p99 = wrk(port, request, body_file, lua, concurrency, seconds)
+    cpu = group_cpu_seconds(pgid) - before
+    wall = time.perf_counter() - start
+    return Row(
+        server,
+        model,
+        concurrency,
+        float(rps),
+        float(p50),
+        float(p99),
+        int(errors),
+        100 * cpu / wall,
+        1e6 * cpu / max(1, int(count)),
+    )
+
+
+def files_for(request: Request, tmp: str, name: str) -> tuple[Request, str, str]:
+    """``request`` with its body written to a file under ``tmp`` and wrk's Lua script: what ``load`` takes."""
+    body_file = os.path.join(tmp, f"{name}.body")
+    Path(body_file).write_bytes(request.body)
+    lua = os.path.join(tmp, "body.lua")
+    Path(lua).write_text(LUA)
+    return request, body_file, lua
+
+
+def bench(server: str, model: str, concurrencies: list[int], args: argparse.Namespace, tmp: str) -> list[Row]:
+    files = files_for(requests(server)[model], tmp, f"{server}-{model}")
+    port = free_port()
+    argv, env = command(server, model, port, args.mosec_python)
+    rows = []
+    stop = signal.SIGTERM if server != "mosec" else signal.SIGINT
+    with serving(f"{server} ({model})", argv, env, port, files[0], stop) as proc:
+        if args.warmup:
+            wrk(port, files[0], files[1], files[2], max(concurrencies), args.warmup)
+        for concurrency in concurrencies:
+            rows.append(load(server, model, proc.pid, port, files, concurrency, args.duration))
+            time.sleep(args.settle)
     return rows
 
 
