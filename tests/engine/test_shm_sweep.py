@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import textwrap
@@ -125,3 +126,44 @@ def test_a_segment_that_cannot_be_removed_does_not_stop_the_sweep(
     monkeypatch.setattr(shm, "unlink", unlink)
     sweep_stale_segments()
     assert theirs.exists() and not ours.exists()
+
+
+KILLED_FLOW = """
+import asyncio, os, sys
+import numpy as np
+from aqueduct import Flow, FlowStep
+from tests.engine.handlers import Doubler, Task
+
+async def main():
+    flow = Flow(FlowStep(Doubler(), nprocs=2), arena_bytes=32 * 1024 * 1024)
+    flow.start()
+    task = Task(np.ones(1 << 20, dtype=np.float32))  # 4 MiB: through the arena, and back through an output arena
+    await flow.process(task, timeout_sec=60)
+    print(os.getpid(), flush=True)
+    sys.stdin.read()
+
+asyncio.run(main())
+"""
+
+
+def test_what_a_killed_flow_leaves_behind_is_swept_by_the_next_start() -> None:
+    """Issue 18: the main process and its workers SIGKILLed together leave their segments (a 32 MiB arena);
+    the next start removes them."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_FLOW], cwd=root, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        pid = int(proc.stdout.readline())
+        left = sorted(name for name in os.listdir(SHM_DIR) if name.startswith(f"aqd-{pid}-"))
+        assert any(name.endswith("-out-arena") for name in left) and len(left) >= 2, left
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the main process and its workers together
+        proc.wait(30)
+    try:
+        assert all((Path(SHM_DIR) / name).exists() for name in left)  # nobody cleaned up
+        sweep_stale_segments()
+        assert not any((Path(SHM_DIR) / name).exists() for name in left)
+    finally:
+        for name in left:
+            (Path(SHM_DIR) / name).unlink(missing_ok=True)
