@@ -229,8 +229,11 @@ def shm_size_limit(spec: PipelineSpec) -> str:
     (a body or output larger than its arena's free space gets a segment of its own). Rounded up to MiB.
 
     The limit caps the tmpfs: a write past it fails (SIGBUS in the writer), so it errs on the large side; the
-    memory it allows counts against the container's memory limit, which must be larger.
+    memory it allows counts against the container's memory limit, which must be larger. ``spec.server.shmBytes``
+    replaces the estimate.
     """
+    if spec.shm_bytes is not None:
+        return f"{-(-spec.shm_bytes // MIB)}Mi"
     arena = spec.arena_bytes if spec.arena_bytes is not None else POD_ARENA_BYTES
     body = spec.max_body_bytes if spec.max_body_bytes is not None else POD_MAX_BODY_BYTES
     model_workers = sum(step.nprocs for step in spec.steps)

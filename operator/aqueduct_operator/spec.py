@@ -179,6 +179,7 @@ class PipelineSpec:
     graceful_timeout: float = 30.0
     workers: int | None = None
     arena_bytes: int | None = None
+    shm_bytes: int | None = None
     resources: Mapping[str, Mapping[str, str | int]] = field(default_factory=dict)
     env: tuple[Mapping[str, Any], ...] = ()
     node_selector: Mapping[str, str] = field(default_factory=dict)
@@ -611,7 +612,7 @@ def parse(
     server = _mapping(spec.get("server") or {}, "spec.server")
     _unknown(
         server,
-        frozenset({"logLevel", "maxBodyBytes", "gracefulTimeout", "workers", "arenaBytes", "drainDelay"}),
+        frozenset({"logLevel", "maxBodyBytes", "gracefulTimeout", "workers", "arenaBytes", "drainDelay", "shmBytes"}),
         "spec.server",
     )
     log_level = server.get("logLevel", "info")
@@ -695,6 +696,9 @@ def parse(
         arena_bytes=None
         if server.get("arenaBytes") is None
         else _int(server["arenaBytes"], "spec.server.arenaBytes", lo=0),
+        shm_bytes=None
+        if server.get("shmBytes") is None
+        else _int(server["shmBytes"], "spec.server.shmBytes", lo=1024 * 1024),
         resources=policies.with_default_resources(
             _resources(spec.get("resources") or {}, "spec.resources"), policy.resources
         ),

@@ -236,6 +236,12 @@ def test_dshm_is_sized_from_the_arenas() -> None:
     assert shm(steps=one_step, server=server) == "65Mi"  # rounded up to whole MiB
 
 
+def test_dshm_size_can_be_set() -> None:
+    assert shm(server={"shmBytes": 3 * 1024**3}) == "3072Mi"
+    assert shm(server={"shmBytes": 5 * 1024**2 + 1}) == "6Mi"
+    refused(body(server={"shmBytes": 1000}), "spec.server.shmBytes", "must be in [1048576")
+
+
 # NetworkPolicy
 
 
