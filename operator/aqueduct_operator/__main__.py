@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import random
 from collections.abc import Sequence
 
 import kopf
 
-from aqueduct_operator import policy
+from aqueduct_operator import logs, policy
 
 DEFAULT_LIVENESS = "http://0.0.0.0:8081/healthz"
 
@@ -33,6 +32,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="peering priority (default with --peering: random, so that exactly one replica is active)")
     parser.add_argument("--verbose", action="store_true", help="verbose logging")
     parser.add_argument("--debug", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default="auto",
+                        help="json: JSON lines; text: plain lines; auto (default): text on a terminal, else JSON")
     return parser.parse_args(argv)
 
 
@@ -46,8 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.peering and priority is None:
         # kopf pauses every replica that shares the highest priority: distinct ones make exactly one active.
         priority = random.SystemRandom().randint(1, 2**31 - 1)
-    kopf.configure(verbose=args.verbose, debug=args.debug, log_prefix=True)
-    logging.getLogger("aqueduct_operator").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    logs.configure_logging(args.log_format, verbose=args.verbose, debug=args.debug)
     from aqueduct_operator import handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(

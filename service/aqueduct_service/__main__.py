@@ -19,6 +19,7 @@ from aqueduct import sweep_stale_segments
 
 from .app import create_app
 from .health import ServingState
+from .logs import configure_logging
 from .pipeline import build_flow, resolve_settings
 from .pod import run_pod
 from .server import ServingServer, uvicorn_config
@@ -53,15 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, os.path.abspath(args.app_dir))
     try:
         settings = load_settings(args.config)
+        configure_logging(settings.server.log_format, settings.server.log_level, settings.name)
         flow = build_flow(settings)
         settings = resolve_settings(settings, flow)
     except ConfigError as e:
         print(f"aqueduct-serve: {e}", file=sys.stderr)
         return 2
     server_settings = settings.server
-    logging.basicConfig(
-        level=server_settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     host = args.host or server_settings.host
     port = server_settings.port if args.port is None else args.port
     # Startup objects (modules, the app) are never garbage: keep full collections from scanning them.

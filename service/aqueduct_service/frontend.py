@@ -20,6 +20,7 @@ from aqueduct.remote import ClientAddress, RemoteFlow
 from .app import create_app
 from .backend import RemoteBackend
 from .health import ServingState
+from .logs import configure_logging
 from .server import ServingServer, uvicorn_config
 from .settings import Settings, load_settings, with_signature
 
@@ -28,10 +29,7 @@ log = logging.getLogger("aqueduct_service")
 
 def serve_frontend(settings: Settings, address: ClientAddress, sock: socket.socket, index: int) -> None:
     """Serve HTTP on ``sock`` for the flow behind ``address`` until told to stop."""
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s[frontend {index}]: %(message)s",
-    )
+    configure_logging(settings.server.log_format, settings.server.log_level, settings.name, frontend=index)
     state = ServingState()
     server: ServingServer | None = None
 

@@ -8,6 +8,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .logs import AccessLog
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -50,11 +52,13 @@ class HttpMetrics:
 
 
 class MetricsMiddleware:
-    """ASGI middleware observing every HTTP request into ``HttpMetrics``, labelled by route template."""
+    """ASGI middleware observing every HTTP request into ``HttpMetrics``, labelled by route template, and
+    into the access log."""
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics, access_log: AccessLog) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,4 +78,6 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            self.metrics.observe(scope["method"], path, status, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            self.metrics.observe(scope["method"], path, status, elapsed)
+            self.access_log(scope["method"], scope["path"], status, elapsed)

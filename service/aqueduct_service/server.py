@@ -29,8 +29,9 @@ def uvicorn_config(app: Starlette, settings: Settings, host: str, port: int) -> 
         http=guarded_protocol(limits),
         timeout_keep_alive=server.keepalive_timeout,
         lifespan="on",
-        access_log=False,
-        proxy_headers=False,  # client addresses are only for access logs, which are off
+        access_log=False,  # the app's own (logs.AccessLog): sampled, with the request id
+        proxy_headers=False,  # the access log has no client addresses
+        log_config=None,  # uvicorn's records go through the pod's one handler (logs.configure_logging)
         log_level=server.log_level,
         timeout_graceful_shutdown=int(server.graceful_timeout),
         backlog=2048,

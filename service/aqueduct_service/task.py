@@ -25,10 +25,16 @@ class InferenceTask(BaseTask):
         inputs: the request's tensors by name (numpy arrays, never ``object`` dtype; ``BYTES`` is ``S`` dtype).
         outputs: tensors the handlers set by name; every one is returned unless the request asked for some only.
         parameters: the request's OIP ``parameters`` object (JSON values).
+        request_id: the request's ``X-Request-Id`` (else the OIP ``id``, else one the pod made up), as the
+            response and every log line about the request carry it; log it with whatever a handler logs
+            about one task.
     """
 
-    def __init__(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, inputs: dict[str, np.ndarray], parameters: dict[str, Any] | None = None, request_id: str | None = None
+    ) -> None:
         super().__init__()
         self.inputs = inputs
         self.outputs: dict[str, np.ndarray] = {}
         self.parameters = parameters or {}
+        self.request_id = request_id

@@ -55,3 +55,26 @@ def test_peering_replicas_get_distinct_priorities(monkeypatch: pytest.MonkeyPatc
     priorities = {call["priority"] for call in calls[:3]}
     assert len(priorities) == 3 and all(call["peering_name"] == "aqueduct" for call in calls[:3])
     assert calls[3]["peering_name"] is None and calls[3]["standalone"] is True and calls[3]["priority"] is None
+
+
+def test_json_log_lines() -> None:
+    """The operator's records (kopf's per-object ones too) as JSON lines with the serving pod's fields."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from aqueduct_operator.logs import configure_logging; "
+        "configure_logging('auto', False, False); "
+        "ref = {'kind': 'Pipeline', 'namespace': 'ns', 'name': 'iris'}; "
+        "logging.getLogger('kopf.objects').info('reconciled', extra={'k8s_ref': ref, 'k8s_skip': True}); "
+        "logging.getLogger('aqueduct_operator.handlers').warning('plain')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={"PYTHONPATH": "operator"}, cwd=_root())
+    lines = [json.loads(line) for line in done.stderr.splitlines()]  # stderr is no terminal: auto is JSON
+    assert [(r["level"], r["logger"], r["message"]) for r in lines] == [
+        ("INFO", "kopf.objects", "reconciled"), ("WARNING", "aqueduct_operator.handlers", "plain")
+    ]
+    assert lines[0]["object"] == {"kind": "Pipeline", "namespace": "ns", "name": "iris"} and "time" in lines[0]
+    assert "k8s_skip" not in lines[0] and "object" not in lines[1]
