@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,8 +27,8 @@ from aqueduct.remote import Lease
 from .backend import FlowBackend, LocalBackend
 from .errors import RETRY_AFTER_SECONDS, InferenceError, from_engine_error
 from .health import ServingState
-from .inference import check_inputs, check_requested_outputs, decode_request, encode_response
-from .logs import REQUEST_ID, AccessLog, FailureLog, bind_request_id, header_request_id
+from .inference import InferRequest, check_inputs, check_requested_outputs, decode_request, encode_response
+from .limits import BudgetHold, DecodeBudget
 from .metrics import HttpMetrics, MetricsMiddleware
 from .model_config import triton_model_config
 from .outputs import declared_outputs
@@ -40,6 +41,8 @@ _JSON = b"application/json"
 INFER_ROUTE = "/v2/models/{name}/infer"
 #: Bodies at least this large are read into shared memory, where the front end has an arena.
 LEASE_MIN_BYTES = 64 * 1024
+#: Bodies at least this large are decoded in a thread, so the event loop keeps answering (probes too).
+THREAD_DECODE_BYTES = 1024 * 1024
 
 
 class _ClientGone(Exception):
@@ -59,7 +62,6 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
         LocalBackend(flow, settings.start_timeout, settings.server.graceful_timeout) if isinstance(flow, Flow) else flow
     )
     metrics = HttpMetrics(backend.http_registry)
-    access_log = AccessLog(settings.server.access_log)
     model = settings.name
     metadata = orjson.dumps(_model_metadata(settings))
     model_config = orjson.dumps(triton_model_config(settings))
@@ -138,9 +140,8 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
     return ServingApp(
         InferenceEndpoint(backend, settings, state),
         metrics,
-        access_log,
         routes=routes,
-        middleware=[Middleware(MetricsMiddleware, metrics=metrics, access_log=access_log)],
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
         exception_handlers={InferenceError: inference_error, HTTPException: http_error},
         lifespan=lifespan,
     )
@@ -149,11 +150,10 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
 class ServingApp(Starlette):
     """Starlette, with ``POST /v2/models/{name}/infer`` answered before any framework layer (the hot path)."""
 
-    def __init__(self, infer: InferenceEndpoint, metrics: HttpMetrics, access_log: AccessLog, **kwargs: Any) -> None:
+    def __init__(self, infer: InferenceEndpoint, metrics: HttpMetrics, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.infer = infer
         self.metrics = metrics
-        self.access_log = access_log
         self.in_flight = metrics.in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -168,9 +168,7 @@ class ServingApp(Starlette):
                         status = await self.infer(name, receive, send, scope["headers"])
                     finally:
                         self.in_flight.dec()
-                    elapsed = time.perf_counter() - start
-                    self.metrics.observe("POST", INFER_ROUTE, status, elapsed)
-                    self.access_log("POST", path, status, elapsed)
+                    self.metrics.observe("POST", INFER_ROUTE, status, time.perf_counter() - start)
                     return
         await super().__call__(scope, receive, send)
 
@@ -185,11 +183,11 @@ class InferenceEndpoint:
         self.max_body = settings.server.max_body_bytes
         #: With ``batch_dim``, the most rows a request may carry: the first step's batch size.
         self.max_rows = settings.steps[0].batch_size if settings.batch_dim else None
-        self.failures = FailureLog()
+        #: The pod's budget for bodies being read and decoded, shared evenly by its HTTP processes.
+        self.budget = DecodeBudget(max(1, settings.server.decode_budget_bytes // settings.server.front_ends))
 
     async def __call__(self, name: str, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]) -> int:
         """Answer one request; returns the HTTP status sent (499: the client left first)."""
-        REQUEST_ID.set(header_request_id(headers))
         try:
             body, response_headers = await self._infer(name, receive, headers)
             status = 200
@@ -203,7 +201,6 @@ class InferenceEndpoint:
             log.exception("inference request failed")
             status, body = 500, orjson.dumps({"error": f"internal error: {type(e).__name__}: {e}"})
             response_headers = [(b"content-type", _JSON)]
-        response_headers.append((b"x-request-id", (REQUEST_ID.get() or bind_request_id(None)).encode()))
         response_headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": body})
@@ -233,13 +230,17 @@ class InferenceEndpoint:
                 header_length = int(value)
             elif key == b"content-encoding" and value.lower() != b"identity":
                 raise InferenceError(415, f"Content-Encoding {value.decode(errors='replace')!r} is not supported")
+        hold = self.budget.hold(body_length or 0)
         lease = self.backend.lease(body_length) if body_length and body_length >= LEASE_MIN_BYTES else None
         try:
-            body = await self._read_body(receive, lease)
-            request = decode_request(body, header_length, self.max_body)
+            try:
+                body = await self._read_body(receive, lease, body_length, hold)
+                request = await self._decode(body, header_length)
+            finally:
+                hold.release()
             check_inputs(request.inputs, self.settings.inputs, self.max_rows)
             check_requested_outputs(request, self.settings.outputs)
-            task = InferenceTask(request.inputs, request.parameters, bind_request_id(request.id))
+            task = InferenceTask(request.inputs, request.parameters)
             timeout = self.settings.timeout
             if request.parameters:
                 timeout = self._apply_parameters(task, request.parameters)
@@ -248,7 +249,6 @@ class InferenceEndpoint:
                 # hands its block to another request while a worker still runs this one (after a 504, say)
                 await self.backend.process(task, timeout_sec=timeout, leases=(lease,) if lease else ())
             except FlowError as e:
-                self.failures.task_failed(e)
                 raise from_engine_error(e) from None
             outputs = declared_outputs(request, task.outputs, self.settings.outputs, bool(self.settings.batch_dim))
             payload, response_header_length = encode_response(self.settings.name, request, outputs)
@@ -278,12 +278,24 @@ class InferenceEndpoint:
             raise InferenceError(400, "parameters.timeout: must be a positive number of microseconds")
         return float(timeout_us) / 1e6
 
-    async def _read_body(self, receive: Receive, lease: Lease | None) -> bytes | memoryview:
+    async def _decode(self, body: bytes | memoryview, header_length: int | None) -> InferRequest:
+        args = (body, header_length, self.max_body, self.settings.inputs, self.max_rows)
+        if len(body) >= THREAD_DECODE_BYTES:
+            return await asyncio.to_thread(decode_request, *args)
+        return decode_request(*args)
+
+    async def _read_body(
+        self, receive: Receive, lease: Lease | None, length: int | None, hold: BudgetHold
+    ) -> bytes | memoryview:
         """The request body: read into ``lease`` (shared memory, where its tensors travel on from) when
-        given, else into ordinary memory."""
+        given, else into ordinary memory (one buffer of ``length`` for a large body). Without a
+        Content-Length ``length``, ``hold`` grows with the body."""
         chunks: list[bytes] = []
         size = 0
-        limit = len(lease.buffer) if lease else self.max_body
+        buffer: memoryview | None = lease.buffer if lease else None
+        if buffer is None and length is not None and length >= LEASE_MIN_BYTES:
+            buffer = memoryview(bytearray(length))
+        limit = len(buffer) if buffer is not None else self.max_body
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -291,17 +303,19 @@ class InferenceEndpoint:
             chunk = message.get("body", b"")
             end = size + len(chunk)
             if end > limit:
-                if lease:
+                if buffer is not None:
                     raise InferenceError(400, f"request body is longer than its Content-Length of {limit}")
                 raise InferenceError(413, f"request body is over the limit of {self.max_body} bytes")
-            if lease:
-                lease.buffer[size:end] = chunk
+            if length is None:
+                hold.take(len(chunk))
+            if buffer is not None:
+                buffer[size:end] = chunk
             else:
                 chunks.append(chunk)
             size = end
             if not message.get("more_body", False):
-                if lease:
-                    return lease.buffer[:size]
+                if buffer is not None:
+                    return buffer[:size]
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

@@ -1,8 +1,12 @@
 """Open Inference Protocol v2 request decoding and response encoding, JSON and binary tensor data.
 
 Hostile bodies are the normal case here, so every size is checked against the body before anything is
-allocated: a JSON tensor's ``data`` must hold exactly ``prod(shape)`` elements, a binary tensor's
-``binary_data_size`` must equal ``prod(shape) * itemsize`` and lie inside the body. Nothing is unpickled
+allocated: shapes are multiplied out in Python integers (even with a 0 dimension the others may
+multiply to at most the body limit), a JSON tensor's ``data`` must hold exactly ``prod(shape)``
+elements, a binary tensor's ``binary_data_size`` must equal ``prod(shape) * itemsize`` and lie inside
+the body. A tensor's name, datatype and shape are checked against the model's declared inputs before
+its data is decoded. Free-form JSON (``parameters``) is bounded in depth and size (``limits.py``);
+large JSON bodies have their numeric data parsed by numpy (``json_data.py``). Nothing is unpickled
 and no ``object`` arrays are made.
 
 ``BYTES`` tensors become numpy ``S`` (fixed-width bytes) arrays: an element's trailing NUL bytes are lost,
@@ -21,6 +25,8 @@ import numpy as np
 import orjson
 
 from .errors import InferenceError
+from .json_data import SplitJson, parse_numbers, split_json
+from .limits import check_free_form
 from .settings import TensorSpec
 
 # OIP datatype -> little-endian numpy dtype (BYTES is handled apart: numpy ``S`` arrays).
@@ -58,11 +64,21 @@ class InferRequest:
     binary_output: bool
 
 
-def decode_request(body: bytes | memoryview, header_length: int | None, max_bytes: int) -> InferRequest:
+def decode_request(
+    body: bytes | memoryview,
+    header_length: int | None,
+    max_bytes: int,
+    declared: Sequence[TensorSpec] = (),
+    max_rows: int | None = None,
+) -> InferRequest:
     """Decode an OIP v2 inference request; ``header_length`` is the ``Inference-Header-Content-Length``.
 
+    Each input's name, datatype and shape are checked against ``declared`` (when given) and its rows
+    against ``max_rows`` (see ``check_inputs``) before its data is decoded. Bodies of a few MiB take
+    a fraction of a second here: the app decodes those in a thread.
+
     Raises:
-        InferenceError: 400 naming what is wrong with the request.
+        InferenceError: 400 naming what is wrong with the request; 413 for JSON over ``json_data``'s limit.
     """
     header: bytes | memoryview = body
     binary: bytes | memoryview = b""
@@ -71,8 +87,9 @@ def decode_request(body: bytes | memoryview, header_length: int | None, max_byte
             raise _bad(f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes")
         view = memoryview(body)
         header, binary = view[:header_length], view[header_length:]
+    split = split_json(header)
     try:
-        doc = orjson.loads(header)
+        doc = orjson.loads(split.text)
     except orjson.JSONDecodeError as e:
         raise _bad(f"malformed JSON: {e}") from None
     if not isinstance(doc, dict):
@@ -84,16 +101,21 @@ def decode_request(body: bytes | memoryview, header_length: int | None, max_byte
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise _bad("inputs: must be a non-empty list of tensors")
+    tensors = _Tensors(binary, max_bytes, split, {spec.name: spec for spec in declared}, max_rows)
     inputs: dict[str, np.ndarray] = {}
-    offset = 0
     for index, raw in enumerate(raw_inputs):
-        name, array, used = _decode_input(raw, f"inputs[{index}]", binary, offset, max_bytes)
+        name, array = tensors.decode(raw, f"inputs[{index}]")
         if name in inputs:
             raise _bad(f"inputs[{index}].name: {name!r} appears twice")
         inputs[name] = array
-        offset += used
-    if offset != len(binary):
-        raise _bad(f"the body holds {len(binary) - offset} bytes of binary data no input claims")
+    if tensors.offset != len(binary):
+        raise _bad(f"the body holds {len(binary) - tensors.offset} bytes of binary data no input claims")
+    if split.spans:
+        raise InferenceError(
+            413,
+            f"the request's JSON holds an array of over {len(next(iter(split.spans.values())))} bytes outside "
+            "any input's data",
+        )
     return InferRequest(
         id=request_id,
         inputs=inputs,
@@ -115,18 +137,20 @@ def check_inputs(inputs: dict[str, np.ndarray], declared: Sequence[TensorSpec], 
         return
     known = {spec.name: spec for spec in declared}
     for name, array in inputs.items():
-        spec = known.get(name)
-        if spec is None:
-            raise _bad(f"input {name!r} is not an input of this model (expected: {', '.join(known)})")
-        if datatype_of(array) != spec.datatype:
-            raise _bad(f"input {name!r}: datatype {datatype_of(array)} does not match the model's {spec.datatype}")
-        if len(array.shape) != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
-        ):
-            raise _bad(f"input {name!r}: shape {list(array.shape)} does not match the model's {list(spec.shape)}")
+        _check_declared(name, datatype_of(array), list(array.shape), known)
     missing = [name for name in known if name not in inputs]
     if missing:
         raise _bad(f"missing input(s): {', '.join(missing)}")
+
+
+def _check_declared(name: str, datatype: str | None, shape: list[int], known: dict[str, TensorSpec]) -> None:
+    spec = known.get(name)
+    if spec is None:
+        raise _bad(f"input {name!r} is not an input of this model (expected: {', '.join(known)})")
+    if datatype != spec.datatype:
+        raise _bad(f"input {name!r}: datatype {datatype} does not match the model's {spec.datatype}")
+    if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)):
+        raise _bad(f"input {name!r}: shape {shape} does not match the model's {list(spec.shape)}")
 
 
 def _check_rows(inputs: dict[str, np.ndarray], max_rows: int) -> None:
@@ -209,6 +233,7 @@ def _object(value: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise _bad(f"{where}: must be a JSON object")
+    check_free_form(value, where)
     return value
 
 
@@ -229,72 +254,107 @@ def _requested_outputs(raw: Any, parameters: dict[str, Any]) -> list[tuple[str, 
     return wanted
 
 
-def _decode_input(
-    raw: Any, where: str, binary: bytes | memoryview, offset: int, max_bytes: int
-) -> tuple[str, np.ndarray, int]:
-    """Decode one input tensor; returns (name, array, bytes of binary data it used)."""
-    if not isinstance(raw, dict):
-        raise _bad(f"{where}: must be a JSON object")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise _bad(f"{where}.name: must be a non-empty string")
-    where = f"{where} ({name!r})"
-    datatype = raw.get("datatype")
-    if datatype != BYTES and datatype not in DATATYPES:
-        raise _bad(f"{where}.datatype: unknown datatype {datatype!r} (supported: {', '.join([*DATATYPES, BYTES])})")
-    shape = raw.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > _MAX_DIMS
-        or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
-    ):
-        raise _bad(f"{where}.shape: must be a list of at most {_MAX_DIMS} non-negative integers")
-    count = math.prod(shape)
-    parameters = _object(raw.get("parameters"), f"{where}.parameters")
-    size = parameters.get("binary_data_size")
-    if size is None:
-        if "data" not in raw:
-            raise _bad(f"{where}: has neither 'data' nor parameters.binary_data_size")
-        return name, _from_json(raw["data"], datatype, shape, count, where, max_bytes), 0
-    if type(size) is not int or size < 0:
-        raise _bad(f"{where}.parameters.binary_data_size: must be a non-negative integer")
-    if "data" in raw:
-        raise _bad(f"{where}: has both 'data' and parameters.binary_data_size")
-    if offset + size > len(binary):
-        raise _bad(f"{where}: binary_data_size {size} runs past the end of the body")
-    chunk = binary[offset : offset + size]
-    if datatype == BYTES:
-        return name, _bytes_from_binary(chunk, shape, count, where, max_bytes), size
-    dtype = DATATYPES[datatype]
-    if count * dtype.itemsize != size:
-        raise _bad(
-            f"{where}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, binary_data_size is {size}"
-        )
-    if datatype == "BOOL":
-        return name, (np.frombuffer(chunk, dtype=np.uint8) != 0).reshape(shape), size
-    return name, np.frombuffer(chunk, dtype=dtype).reshape(shape), size
+class _Tensors:
+    """Decodes a request's input tensors one by one, in the order their binary data lies in the body."""
 
+    def __init__(
+        self,
+        binary: bytes | memoryview,
+        max_bytes: int,
+        split: SplitJson,
+        known: dict[str, TensorSpec],
+        max_rows: int | None,
+    ) -> None:
+        self.binary = binary
+        self.max_bytes = max_bytes
+        self.split = split
+        self.known = known
+        self.max_rows = max_rows
+        #: bytes of binary data the inputs decoded so far used
+        self.offset = 0
 
-def _from_json(data: Any, datatype: str, shape: list[int], count: int, where: str, max_bytes: int) -> np.ndarray:
-    if not isinstance(data, list):
-        raise _bad(f"{where}.data: must be a list")
-    if datatype == BYTES:
-        return _bytes_from_json(data, shape, count, where, max_bytes)
-    dtype = DATATYPES[datatype]
-    try:
-        parsed = np.array(data)
-    except (ValueError, TypeError) as e:
-        raise _bad(f"{where}.data: not a (nested) list of numbers: {e}") from None
-    if parsed.size != count:
-        raise _bad(f"{where}.data: holds {parsed.size} elements, shape {shape} needs {count}")
-    if parsed.dtype != dtype and count:
-        if parsed.dtype.kind not in _JSON_KINDS[dtype.kind]:
-            raise _bad(f"{where}.data: values are not all valid {datatype}")
-        if dtype.kind in "iu":
-            low, high = _INT_RANGES[datatype]
-            if parsed.min() < low or parsed.max() > high:
-                raise _bad(f"{where}.data: values out of range for {datatype}")
-    return parsed.astype(dtype, copy=False).reshape(shape)
+    def decode(self, raw: Any, where: str) -> tuple[str, np.ndarray]:
+        """Decode one input tensor: (name, array)."""
+        if not isinstance(raw, dict):
+            raise _bad(f"{where}: must be a JSON object")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise _bad(f"{where}.name: must be a non-empty string")
+        where = f"{where} ({name!r})"
+        datatype = raw.get("datatype")
+        if datatype != BYTES and datatype not in DATATYPES:
+            raise _bad(f"{where}.datatype: unknown datatype {datatype!r} (supported: {', '.join([*DATATYPES, BYTES])})")
+        shape = raw.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > _MAX_DIMS
+            or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
+        ):
+            raise _bad(f"{where}.shape: must be a list of at most {_MAX_DIMS} non-negative integers")
+        # numpy refuses a shape whose other dimensions multiply past 2**63 even when a 0 makes it empty
+        if 0 in shape and math.prod(d for d in shape if d) > self.max_bytes:
+            raise _bad(
+                f"{where}.shape: {shape}: besides the 0, its dimensions multiply to over {self.max_bytes} "
+                "(the body limit)"
+            )
+        if self.known:
+            _check_declared(name, datatype, shape, self.known)
+        if self.max_rows is not None and shape and shape[0] > self.max_rows:
+            raise _bad(
+                f"a request of {shape[0]} rows is over this model's limit of {self.max_rows} (the first step's "
+                "batch_size)"
+            )
+        count = math.prod(shape)
+        parameters = _object(raw.get("parameters"), f"{where}.parameters")
+        size = parameters.get("binary_data_size")
+        if size is None:
+            if "data" not in raw:
+                raise _bad(f"{where}: has neither 'data' nor parameters.binary_data_size")
+            return name, self._from_json(raw["data"], datatype, shape, count, where)
+        if type(size) is not int or size < 0:
+            raise _bad(f"{where}.parameters.binary_data_size: must be a non-negative integer")
+        if "data" in raw:
+            raise _bad(f"{where}: has both 'data' and parameters.binary_data_size")
+        if self.offset + size > len(self.binary):
+            raise _bad(f"{where}: binary_data_size {size} runs past the end of the body")
+        chunk = self.binary[self.offset : self.offset + size]
+        self.offset += size
+        if datatype == BYTES:
+            return name, _bytes_from_binary(chunk, shape, count, where, self.max_bytes)
+        dtype = DATATYPES[datatype]
+        if count * dtype.itemsize != size:
+            raise _bad(
+                f"{where}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, binary_data_size is {size}"
+            )
+        if datatype == "BOOL":
+            return name, (np.frombuffer(chunk, dtype=np.uint8) != 0).reshape(shape)
+        return name, np.frombuffer(chunk, dtype=dtype).reshape(shape)
+
+    def _from_json(self, data: Any, datatype: str, shape: list[int], count: int, where: str) -> np.ndarray:
+        span = self.split.take(data)
+        if span is not None:
+            if datatype == BYTES:
+                raise _bad(f"{where}.data: BYTES data must be a list of strings")
+            return parse_numbers(span, datatype, DATATYPES[datatype], count, where).reshape(shape)
+        if not isinstance(data, list):
+            raise _bad(f"{where}.data: must be a list")
+        if datatype == BYTES:
+            return _bytes_from_json(data, shape, count, where, self.max_bytes)
+        dtype = DATATYPES[datatype]
+        try:
+            parsed = np.array(data)
+        except (ValueError, TypeError) as e:
+            raise _bad(f"{where}.data: not a (nested) list of numbers: {e}") from None
+        if parsed.size != count:
+            raise _bad(f"{where}.data: holds {parsed.size} elements, shape {shape} needs {count}")
+        if parsed.dtype != dtype and count:
+            if parsed.dtype.kind not in _JSON_KINDS[dtype.kind]:
+                raise _bad(f"{where}.data: values are not all valid {datatype}")
+            if dtype.kind in "iu":
+                low, high = _INT_RANGES[datatype]
+                if parsed.min() < low or parsed.max() > high:
+                    raise _bad(f"{where}.data: values out of range for {datatype}")
+        return parsed.astype(dtype, copy=False).reshape(shape)
 
 
 def _bytes_from_json(data: list[Any], shape: list[int], count: int, where: str, max_bytes: int) -> np.ndarray:

@@ -72,10 +72,6 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     graceful_timeout: float = 30.0
     log_level: str = "info"
-    #: ``json``, ``text`` or ``auto`` (text on a terminal); see ``logs.py``.
-    log_format: str = "auto"
-    #: Share of answered requests that get an access log line (1: all, 0: none).
-    access_log: float = 0.01
     #: HTTP front-end processes; None: ``default_workers()``.
     workers: int | None = None
     arena_bytes: int = 32 * 1024 * 1024
@@ -85,6 +81,8 @@ class ServerSettings:
     body_timeout: float = 60.0
     keepalive_timeout: int = 5
     max_connections: int = 1000
+    #: Bytes of request bodies the pod reads and decodes at once (split among the front ends); beyond: 503.
+    decode_budget_bytes: int = 128 * 1024 * 1024
 
     @property
     def front_ends(self) -> int:
