@@ -24,11 +24,26 @@ def import_object(reference: str, where: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:
-        raise ConfigError(f"{where}: cannot import module {module_name!r}: {type(e).__name__}: {e}") from e
+        hint = _import_hint(module_name, e) if isinstance(e, ModuleNotFoundError) else ""
+        raise ConfigError(f"{where}: cannot import module {module_name!r}: {type(e).__name__}: {e}{hint}") from e
     try:
         return getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def _import_hint(module_name: str, error: ModuleNotFoundError) -> str:
+    """Where a handler's module is looked for, when that module (not one it imports) was not found."""
+    missing = error.name or ""
+    top = module_name.partition(".")[0]
+    if missing == top:
+        return (
+            f" (handler modules are looked for under --app-dir, by default the directory aqueduct-serve runs in, "
+            f"then on PYTHONPATH: run it where {top}/ is, or pass --app-dir)"
+        )
+    if module_name == missing or module_name.startswith(missing + "."):
+        return ""  # the package is there, the module in it is not: the message says so
+    return f" (imported by {module_name!r}: install it in this environment, or in the image)"
 
 
 def make_handler(handler_class: type[BaseTaskHandler], step: StepSettings, index: int) -> BaseTaskHandler:
