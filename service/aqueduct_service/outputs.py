@@ -44,13 +44,17 @@ def declared_outputs(
 
 
 def _checked(spec: TensorSpec, value: object, rows: int | None) -> np.ndarray:
-    array = np.asarray(value)
-    found = datatype_of(array)
-    if found != spec.datatype:
-        array = _cast(spec, array, found)
-    shape = tuple(array.shape)
+    array = value if type(value) is np.ndarray else np.asarray(value)
+    dtype = array.dtype
+    if dtype != DATATYPES.get(spec.datatype) and not (spec.datatype == BYTES and dtype.kind in "SU"):
+        found = datatype_of(array)
+        if found != spec.datatype:
+            array = _cast(spec, array, found)
+    shape = array.shape
     expected = spec.shape if rows is None else (rows, *spec.shape[1:])
-    if len(shape) != len(expected) or any(want not in (-1, got) for want, got in zip(expected, shape, strict=True)):
+    if shape != expected and (
+        len(shape) != len(expected) or any(want not in (-1, got) for want, got in zip(expected, shape, strict=True))
+    ):
         raise _wrong(spec.name, "has the wrong shape", list(expected), list(shape))
     return array
 
