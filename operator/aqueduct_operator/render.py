@@ -48,9 +48,10 @@ LATENCY_TARGET_RECORD = "aqueduct:pipeline_latency_target_seconds"
 PIPELINE_LABEL = "aqueduct.dev/pipeline"
 MANAGED_BY = "aqueduct-operator"
 # The serving pod's defaults (service/aqueduct_service/settings.py; tests/contract checks): each front end's
-# arena, the largest request body, and the most front ends it starts by itself.
+# arena, the largest request body, the bodies it decodes at once, and the most front ends it starts by itself.
 POD_ARENA_BYTES = 32 * 1024 * 1024
 POD_MAX_BODY_BYTES = 64 * 1024 * 1024
+POD_DECODE_BUDGET_BYTES = 128 * 1024 * 1024
 POD_MAX_FRONT_ENDS = 8
 # A model worker's output arena (aqueduct/_runtime/worker.py OUTPUT_ARENA_BYTES; tests/contract checks).
 OUTPUT_ARENA_BYTES = 32 * 1024 * 1024
@@ -225,8 +226,9 @@ def front_ends(spec: PipelineSpec) -> int:
 
 def shm_size_limit(spec: PipelineSpec) -> str:
     """``sizeLimit`` of the pod's ``/dev/shm``: every front end's arena (one with a single process), a 32 MiB
-    output arena per model worker, and room for two request bodies' worth of segments outside the arenas
-    (a body or output larger than its arena's free space gets a segment of its own). Rounded up to MiB.
+    output arena per model worker, and room for the segments of requests outside the arenas (a body larger
+    than its arena's free space gets a segment of its own while it waits): the bodies the pod decodes at
+    once, or two of the largest, whichever is more. Rounded up to MiB. Measured: bench/RESULTS.md.
 
     The limit caps the tmpfs: a write past it fails (SIGBUS in the writer), so it errs on the large side; the
     memory it allows counts against the container's memory limit, which must be larger. ``spec.server.shmBytes``
@@ -237,7 +239,7 @@ def shm_size_limit(spec: PipelineSpec) -> str:
     arena = spec.arena_bytes if spec.arena_bytes is not None else POD_ARENA_BYTES
     body = spec.max_body_bytes if spec.max_body_bytes is not None else POD_MAX_BODY_BYTES
     model_workers = sum(step.nprocs for step in spec.steps)
-    total = front_ends(spec) * arena + model_workers * OUTPUT_ARENA_BYTES + 2 * body
+    total = front_ends(spec) * arena + model_workers * OUTPUT_ARENA_BYTES + max(POD_DECODE_BUDGET_BYTES, 2 * body)
     return f"{-(-total // MIB)}Mi"
 
 

@@ -17,6 +17,7 @@ def test_the_operators_copies_of_the_pods_defaults_agree() -> None:
     server = settings.ServerSettings()
     assert server.arena_bytes == render.POD_ARENA_BYTES
     assert server.max_body_bytes == render.POD_MAX_BODY_BYTES
+    assert server.decode_budget_bytes == render.POD_DECODE_BUDGET_BYTES
     assert render.OUTPUT_ARENA_BYTES == worker.OUTPUT_ARENA_BYTES
     assert settings.default_workers(10_000) == render.POD_MAX_FRONT_ENDS
 
