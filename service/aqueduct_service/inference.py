@@ -282,7 +282,7 @@ class _Tensors:
             raise _bad(f"{where}.name: must be a non-empty string")
         where = f"{where} ({name!r})"
         datatype = raw.get("datatype")
-        if datatype != BYTES and datatype not in DATATYPES:
+        if not isinstance(datatype, str) or (datatype != BYTES and datatype not in DATATYPES):
             raise _bad(f"{where}.datatype: unknown datatype {datatype!r} (supported: {', '.join([*DATATYPES, BYTES])})")
         shape = raw.get("shape")
         if (
