@@ -293,6 +293,14 @@ def test_a_bad_network_policy_names_the_field(spec: dict[str, Any], field: str) 
     refused(body(networkPolicy=spec), field)
 
 
+def test_the_crd_takes_the_new_fields() -> None:
+    doc = body(networkPolicy={"enabled": True, "ingressNamespaces": ["gateway"], "metricsNamespaces": ["monitoring"]},
+               server={"shmBytes": 512 * 1024 * 1024})
+    assert crd.errors(doc) == []
+    assert crd.errors(body(server={"shmBytes": 1024})) != []
+    assert crd.errors(body(networkPolicy={"enabled": "yes"})) != []
+
+
 # The operator, against kmock
 
 
