@@ -29,6 +29,7 @@ from .errors import RETRY_AFTER_SECONDS, InferenceError, from_engine_error
 from .health import ServingState
 from .inference import InferRequest, check_inputs, check_requested_outputs, decode_request, encode_response
 from .limits import BudgetHold, DecodeBudget
+from .logs import REQUEST_ID, AccessLog, FailureLog, bind_request_id, header_request_id
 from .metrics import HttpMetrics, MetricsMiddleware
 from .model_config import triton_model_config
 from .outputs import declared_outputs
@@ -62,6 +63,7 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
         LocalBackend(flow, settings.start_timeout, settings.server.graceful_timeout) if isinstance(flow, Flow) else flow
     )
     metrics = HttpMetrics(backend.http_registry)
+    access_log = AccessLog(settings.server.access_log)
     model = settings.name
     metadata = orjson.dumps(_model_metadata(settings))
     model_config = orjson.dumps(triton_model_config(settings))
@@ -140,8 +142,9 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
     return ServingApp(
         InferenceEndpoint(backend, settings, state),
         metrics,
+        access_log,
         routes=routes,
-        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics, access_log=access_log)],
         exception_handlers={InferenceError: inference_error, HTTPException: http_error},
         lifespan=lifespan,
     )
@@ -150,10 +153,11 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
 class ServingApp(Starlette):
     """Starlette, with ``POST /v2/models/{name}/infer`` answered before any framework layer (the hot path)."""
 
-    def __init__(self, infer: InferenceEndpoint, metrics: HttpMetrics, **kwargs: Any) -> None:
+    def __init__(self, infer: InferenceEndpoint, metrics: HttpMetrics, access_log: AccessLog, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.infer = infer
         self.metrics = metrics
+        self.access_log = access_log
         self.in_flight = metrics.in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -168,7 +172,9 @@ class ServingApp(Starlette):
                         status = await self.infer(name, receive, send, scope["headers"])
                     finally:
                         self.in_flight.dec()
-                    self.metrics.observe("POST", INFER_ROUTE, status, time.perf_counter() - start)
+                    elapsed = time.perf_counter() - start
+                    self.metrics.observe("POST", INFER_ROUTE, status, elapsed)
+                    self.access_log("POST", path, status, elapsed)
                     return
         await super().__call__(scope, receive, send)
 
@@ -185,9 +191,11 @@ class InferenceEndpoint:
         self.max_rows = settings.steps[0].batch_size if settings.batch_dim else None
         #: The pod's budget for bodies being read and decoded, shared evenly by its HTTP processes.
         self.budget = DecodeBudget(max(1, settings.server.decode_budget_bytes // settings.server.front_ends))
+        self.failures = FailureLog()
 
     async def __call__(self, name: str, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]) -> int:
         """Answer one request; returns the HTTP status sent (499: the client left first)."""
+        REQUEST_ID.set(header_request_id(headers))
         try:
             body, response_headers = await self._infer(name, receive, headers)
             status = 200
@@ -201,6 +209,7 @@ class InferenceEndpoint:
             log.exception("inference request failed")
             status, body = 500, orjson.dumps({"error": f"internal error: {type(e).__name__}: {e}"})
             response_headers = [(b"content-type", _JSON)]
+        response_headers.append((b"x-request-id", (REQUEST_ID.get() or bind_request_id(None)).encode()))
         response_headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": body})
@@ -240,7 +249,7 @@ class InferenceEndpoint:
                 hold.release()
             check_inputs(request.inputs, self.settings.inputs, self.max_rows)
             check_requested_outputs(request, self.settings.outputs)
-            task = InferenceTask(request.inputs, request.parameters)
+            task = InferenceTask(request.inputs, request.parameters, bind_request_id(request.id))
             timeout = self.settings.timeout
             if request.parameters:
                 timeout = self._apply_parameters(task, request.parameters)
@@ -249,6 +258,7 @@ class InferenceEndpoint:
                 # hands its block to another request while a worker still runs this one (after a 504, say)
                 await self.backend.process(task, timeout_sec=timeout, leases=(lease,) if lease else ())
             except FlowError as e:
+                self.failures.task_failed(e)
                 raise from_engine_error(e) from None
             outputs = declared_outputs(request, task.outputs, self.settings.outputs, bool(self.settings.batch_dim))
             payload, response_header_length = encode_response(self.settings.name, request, outputs)

@@ -72,6 +72,10 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     graceful_timeout: float = 30.0
     log_level: str = "info"
+    #: ``json``, ``text`` or ``auto`` (text on a terminal); see ``logs.py``.
+    log_format: str = "auto"
+    #: Share of answered requests that get an access log line (1: all, 0: none).
+    access_log: float = 0.01
     #: HTTP front-end processes; None: ``default_workers()``.
     workers: int | None = None
     arena_bytes: int = 32 * 1024 * 1024
