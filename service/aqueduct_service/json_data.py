@@ -28,9 +28,6 @@ _DATA_KEY = re.compile(rb'"data"\s*:\s*(?=\[)')
 _ARRAY_RUN = re.compile(rb"[-+.0-9A-Za-z,\s\[\]]*")
 _NUMBER_CHARS = b"0123456789+-.eE,[] \t\r\n"
 _BOOL_CHARS = b"truefals,[] \t\r\n"
-# an element missing: "[,", ",,", ",]" (a chunk begins just after a comma)
-_MISSING = re.compile(rb"\[\s*,|,\s*[,\]]")
-_MISSING_FIRST = re.compile(rb"\s*[,\]]")
 _LONG_INTEGER = re.compile(rb"-?\d{19,}")
 
 
@@ -107,7 +104,8 @@ def parse_numbers(span: memoryview, datatype: str, dtype: np.dtype[Any], count: 
                 raise _bad(f"{where}.data: an element of over {_CHUNK} bytes")
             chunk, end = chunk[:cut], pos + cut + 1
         depth = _check_brackets(chunk, depth, end == len(span), where)
-        if _MISSING.search(chunk) or (pos and _MISSING_FIRST.match(chunk)):
+        compact = chunk.translate(None, b" \t\r\n")
+        if b",," in compact or b",]" in compact or b"[," in compact or (pos and compact[:1] in (b",", b"]")):
             raise _bad(f"{where}.data: an element is missing between commas or brackets")
         values = _parse_chunk(chunk, datatype, dtype, where)
         if filled + len(values) > count:
@@ -124,9 +122,11 @@ def _check_brackets(chunk: bytes, depth: int, last: bool, where: str) -> int:
     """The nesting depth after ``chunk``, which began at ``depth``; refuse brackets that close the array
     before its end (``[1][2]``) or leave it open."""
     raw = np.frombuffer(chunk, np.uint8)
-    levels = depth + np.cumsum((raw == ord("[")).astype(np.int32) - (raw == ord("]")))
-    if not len(levels):
+    opens = raw == ord("[")
+    brackets = np.flatnonzero(opens | (raw == ord("]")))
+    if not len(brackets):  # the depth changes only at brackets; the span ends with one
         return depth
+    levels = depth + np.cumsum(np.where(opens[brackets], 1, -1))
     inner = levels[:-1] if last else levels
     if (len(inner) and int(inner.min()) < 1) or (last and int(levels[-1]) != 0):
         raise _bad(f"{where}.data: brackets do not match")
