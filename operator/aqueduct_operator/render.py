@@ -227,8 +227,9 @@ def front_ends(spec: PipelineSpec) -> int:
 def shm_size_limit(spec: PipelineSpec) -> str:
     """``sizeLimit`` of the pod's ``/dev/shm``: every front end's arena (one with a single process), a 32 MiB
     output arena per model worker, and room for the segments of requests outside the arenas (a body larger
-    than its arena's free space gets a segment of its own while it waits): the bodies the pod decodes at
-    once, or two of the largest, whichever is more. Rounded up to MiB. Measured: bench/RESULTS.md.
+    than its arena's free space gets a segment of its own while it waits): twice the bodies the pod decodes
+    at once, or four of the largest, whichever is more (a flood of large requests peaked at 1.3 times the
+    decode budget, see bench/RESULTS.md). Rounded up to MiB.
 
     The limit caps the tmpfs: a write past it fails (SIGBUS in the writer), so it errs on the large side; the
     memory it allows counts against the container's memory limit, which must be larger. ``spec.server.shmBytes``
@@ -239,7 +240,8 @@ def shm_size_limit(spec: PipelineSpec) -> str:
     arena = spec.arena_bytes if spec.arena_bytes is not None else POD_ARENA_BYTES
     body = spec.max_body_bytes if spec.max_body_bytes is not None else POD_MAX_BODY_BYTES
     model_workers = sum(step.nprocs for step in spec.steps)
-    total = front_ends(spec) * arena + model_workers * OUTPUT_ARENA_BYTES + max(POD_DECODE_BUDGET_BYTES, 2 * body)
+    waiting = 2 * max(POD_DECODE_BUDGET_BYTES, 2 * body)
+    total = front_ends(spec) * arena + model_workers * OUTPUT_ARENA_BYTES + waiting
     return f"{-(-total // MIB)}Mi"
 
 

@@ -223,17 +223,17 @@ def shm(**spec: Any) -> str:
 
 def test_dshm_is_sized_from_the_arenas() -> None:
     one_step = [{"name": "m", "handler": "m:H", "nprocs": 2}]
-    # No CPU limit: up to 8 front ends x 32 MiB, 2 model workers x 32 MiB, the 128 MiB of bodies decoded at once.
-    assert shm(steps=one_step, resources={}) == f"{8 * 32 + 2 * 32 + 128}Mi"
+    # No CPU limit: up to 8 front ends x 32 MiB, 2 model workers x 32 MiB, twice the 128 MiB decoded at once.
+    assert shm(steps=one_step, resources={}) == f"{8 * 32 + 2 * 32 + 256}Mi"
     # A CPU limit of 2: one process, one arena.
-    assert shm(steps=one_step, resources={"limits": {"cpu": 2}}) == f"{32 + 2 * 32 + 128}Mi"
-    assert shm(steps=one_step, resources={"limits": {"cpu": "6"}}) == f"{3 * 32 + 2 * 32 + 128}Mi"
-    # Set explicitly: 4 front ends of 8 MiB, two steps; bodies of up to 256 MiB: two of them.
+    assert shm(steps=one_step, resources={"limits": {"cpu": 2}}) == f"{32 + 2 * 32 + 256}Mi"
+    assert shm(steps=one_step, resources={"limits": {"cpu": "6"}}) == f"{3 * 32 + 2 * 32 + 256}Mi"
+    # Set explicitly: 4 front ends of 8 MiB, two steps; bodies of up to 256 MiB: four of them.
     two_steps = [{"name": "a", "handler": "m:H", "nprocs": 3}, {"name": "b", "handler": "m:H"}]
     server = {"workers": 4, "arenaBytes": 8 * 1024 * 1024, "maxBodyBytes": 256 * 1024 * 1024}
-    assert shm(steps=two_steps, server=server) == f"{4 * 8 + 4 * 32 + 512}Mi"
+    assert shm(steps=two_steps, server=server) == f"{4 * 8 + 4 * 32 + 1024}Mi"
     server = {"workers": 1, "arenaBytes": 1, "maxBodyBytes": 1024}
-    assert shm(steps=one_step, server=server) == f"{1 + 2 * 32 + 128}Mi"  # rounded up to whole MiB
+    assert shm(steps=one_step, server=server) == f"{1 + 2 * 32 + 256}Mi"  # rounded up to whole MiB
 
 
 def test_dshm_size_can_be_set() -> None:
