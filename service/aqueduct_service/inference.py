@@ -369,29 +369,49 @@ def _bytes_from_json(data: list[Any], shape: list[int], count: int, where: str, 
 def _bytes_from_binary(
     chunk: bytes | memoryview, shape: list[int], count: int, where: str, max_bytes: int
 ) -> np.ndarray:
+    """A BYTES tensor from its length-prefixed elements: straight into the padded array, no list of
+    ``bytes`` (two passes: the widest element, then the copies; one numpy copy when all are as long)."""
     if count * 4 > len(chunk):
         raise _bad(f"{where}: {count} BYTES elements need at least {count * 4} bytes, binary_data_size is {len(chunk)}")
     raw = bytes(chunk)
-    items: list[bytes] = []
-    pos = 0
+    first = int.from_bytes(raw[:4], "little") if count else 0
+    if count and len(raw) == count * (4 + first):
+        rows = np.frombuffer(raw, np.uint8).reshape(count, 4 + first)
+        if (rows[:, :4].copy().view("<u4") == first).all():  # every element is ``first`` bytes long
+            _check_padded(max(first, 1) * count, where, max_bytes)
+            if not first:
+                return np.zeros(shape, "S1")
+            return rows[:, 4:].copy().view(f"S{first}").reshape(shape)
+    width = pos = 0
     for _ in range(count):
         if pos + 4 > len(raw):
             raise _bad(f"{where}: BYTES element length prefix runs past binary_data_size")
         length = int.from_bytes(raw[pos : pos + 4], "little")
-        pos += 4
-        if pos + length > len(raw):
+        pos += 4 + length
+        if pos > len(raw):
             raise _bad(f"{where}: BYTES element of {length} bytes runs past binary_data_size")
-        items.append(raw[pos : pos + length])
-        pos += length
+        width = max(width, length)
     if pos != len(raw):
         raise _bad(f"{where}: {len(raw) - pos} bytes after the last BYTES element")
-    return _bytes_array(items, shape, where, max_bytes)
+    _check_padded(max(width, 1) * count, where, max_bytes)
+    width = max(width, 1)
+    out = bytearray(width * count)
+    pos = 0
+    for start in range(0, width * count, width):
+        length = int.from_bytes(raw[pos : pos + 4], "little")
+        out[start : start + length] = raw[pos + 4 : pos + 4 + length]
+        pos += 4 + length
+    return np.frombuffer(out, f"S{width}").reshape(shape)
+
+
+def _check_padded(nbytes: int, where: str, max_bytes: int) -> None:
+    if nbytes > max_bytes:
+        raise InferenceError(413, f"{where}: BYTES tensor takes {nbytes} bytes padded, over {max_bytes}")
 
 
 def _bytes_array(items: list[bytes], shape: list[int], where: str, max_bytes: int) -> np.ndarray:
     width = max((len(item) for item in items), default=0) or 1
-    if width * len(items) > max_bytes:
-        raise InferenceError(413, f"{where}: BYTES tensor takes {width * len(items)} bytes padded, over {max_bytes}")
+    _check_padded(width * len(items), where, max_bytes)
     return np.array(items, dtype=f"S{width}").reshape(shape)
 
 

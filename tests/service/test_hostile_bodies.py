@@ -252,3 +252,16 @@ def test_the_pod_answers_503_with_retry_after_beyond_its_decode_budget(server: S
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200"), answer
     assert post(server, small).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "items",
+    [[b"ab", b"cd", b"ef", b"gh"], [b"a", b"bcd", b"", b"x\x00"], [b"", b"", b"", b""], [b"\x00\x00"] * 4],
+    ids=["same-length", "mixed", "empty", "nul"],
+)
+def test_binary_bytes_elements_become_one_padded_array(items: list[bytes]) -> None:
+    blob = b"".join(len(item).to_bytes(4, "little") + item for item in items)
+    decoded = decode_request(*binary_request([2, 2], "BYTES", blob), LIMIT).inputs["x"]
+    expected = np.array(items, dtype=f"S{max(max(map(len, items)), 1)}").reshape(2, 2)
+    assert decoded.dtype == expected.dtype
+    np.testing.assert_array_equal(decoded, expected)
