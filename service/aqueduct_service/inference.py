@@ -49,6 +49,8 @@ BYTES = "BYTES"
 _JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 _INT_RANGES = {name: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for name, t in DATATYPES.items() if t.kind in "iu"}
 _MAX_DIMS = 32
+#: The most characters of a request's ``id`` (it is echoed in the answer and on every log line about it).
+MAX_ID_CHARS = 1024
 _MAX_DIM = 2**40
 
 
@@ -95,8 +97,8 @@ def decode_request(
     if not isinstance(doc, dict):
         raise _bad("the request must be a JSON object")
     request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise _bad("id: must be a string")
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_ID_CHARS):
+        raise _bad(f"id: must be a string of at most {MAX_ID_CHARS} characters")
     parameters = _object(doc.get("parameters"), "parameters")
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:

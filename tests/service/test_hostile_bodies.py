@@ -14,7 +14,7 @@ import orjson
 import pytest
 import yaml
 from aqueduct_service.errors import InferenceError
-from aqueduct_service.inference import decode_request
+from aqueduct_service.inference import MAX_ID_CHARS, decode_request
 from aqueduct_service.json_data import MAX_JSON_BYTES, SPLIT_MIN_BYTES, parse_numbers
 from aqueduct_service.limits import MAX_FREE_FORM_BYTES, MAX_FREE_FORM_DEPTH, DecodeBudget, check_free_form
 from aqueduct_service.settings import TensorSpec
@@ -265,3 +265,10 @@ def test_binary_bytes_elements_become_one_padded_array(items: list[bytes]) -> No
     expected = np.array(items, dtype=f"S{max(max(map(len, items)), 1)}").reshape(2, 2)
     assert decoded.dtype == expected.dtype
     np.testing.assert_array_equal(decoded, expected)
+
+
+def test_a_request_id_over_the_limit_is_400() -> None:
+    tensor = {"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}
+    assert decode_request(request(tensor, id="a" * MAX_ID_CHARS), None, LIMIT).id == "a" * MAX_ID_CHARS
+    error = refused(request(tensor, id="a" * (MAX_ID_CHARS + 1)))
+    assert error.status == 400 and f"at most {MAX_ID_CHARS} characters" in error.message
