@@ -54,6 +54,24 @@ class _TaskCounts(Collector):
         return [family]
 
 
+class _RowCounts(Collector):
+    """``aqueduct_batch_rows_total{step}``: rows handed to ``handle()``, the tasks' weights (``BaseTask.set_weight``;
+    1 a task without). Over ``aqueduct_batch_size_count`` it is the mean rows per call."""
+
+    def __init__(self) -> None:
+        self._tallies: dict[str, Tally] = {}
+
+    def tally(self, step: str) -> Tally:
+        """The tally of ``step``."""
+        return self._tallies.setdefault(step, Tally())
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily("aqueduct_batch_rows", "Rows (task weights) handed to handle()", labels=["step"])
+        for step, tally in list(self._tallies.items()):
+            family.add_metric([step], tally.value)
+        return [family]
+
+
 class StepMetrics:
     """Pre-bound metric children of one step (no label lookups on the hot path)."""
 
@@ -61,6 +79,7 @@ class StepMetrics:
         self,
         tasks: _TaskCounts,
         batch_size: Histogram,
+        rows: _RowCounts,
         handle_seconds: Histogram,
         restarts: Counter,
         rerun: Counter,
@@ -69,14 +88,16 @@ class StepMetrics:
     ):
         self.outcome = tasks.tallies(step)
         self.batch_size = batch_size.labels(step=step)
+        self.rows = rows.tally(step)
         self.handle_seconds = handle_seconds.labels(step=step)
         self.restarts = {reason: restarts.labels(step=step, reason=reason) for reason in RESTART_REASONS}
         self.rerun = rerun.labels(step=step)
         self.isolated = isolated.labels(step=step)
 
-    def batch(self, size: int, seconds: float) -> None:
-        """Record one handled batch."""
+    def batch(self, size: int, rows: int, seconds: float) -> None:
+        """Record one handled batch of ``size`` tasks weighing ``rows`` (``BaseTask.set_weight``)."""
         self.batch_size.observe(size)
+        self.rows.value += rows
         self.handle_seconds.observe(seconds)
 
 
@@ -163,6 +184,8 @@ class FlowMetrics:
         batch_size = Histogram(
             "aqueduct_batch_size", "Tasks per handle() call", ["step"], buckets=_BATCH_BUCKETS, registry=registry
         )
+        rows = _RowCounts()
+        registry.register(rows)
         handle_seconds = Histogram(
             "aqueduct_handle_seconds", "Time of one handle() call", ["step"], buckets=_TIME_BUCKETS, registry=registry
         )
@@ -192,7 +215,7 @@ class FlowMetrics:
             registry,
         )
         self.steps = [
-            StepMetrics(tasks, batch_size, handle_seconds, restarts, rerun, isolated, name) for name in step_names
+            StepMetrics(tasks, batch_size, rows, handle_seconds, restarts, rerun, isolated, name) for name in step_names
         ]
         self.flow_outcome = tasks.tallies("flow")
         registry.register(_StepGauges(read_gauges))

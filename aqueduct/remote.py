@@ -75,8 +75,10 @@ class _RemoteEntry(Entry):
 
     __slots__ = ("client", "seq", "finished", "metrics")
 
-    def __init__(self, client: _Client, seq: int, priority: int, expires_at: float, encoded: codec.Encoded) -> None:
-        super().__init__(None, encoded, priority, expires_at)
+    def __init__(
+        self, client: _Client, seq: int, priority: int, weight: int, expires_at: float, encoded: codec.Encoded
+    ) -> None:
+        super().__init__(None, encoded, priority, expires_at, weight)
         self.client = client
         self.seq = seq
         self.finished = False
@@ -135,9 +137,9 @@ class _Client:
         elif kind == "metrics":
             self._send(("metrics", message[1], self.gateway.exposition()))
 
-    def _submit(self, items: list[tuple[int, int, float, bytes, list[codec.BufferRef]]]) -> None:
+    def _submit(self, items: list[tuple[int, int, int, float, bytes, list[codec.BufferRef]]]) -> None:
         flow = self.gateway.flow
-        for seq, priority, expires_at, data, refs in items:
+        for seq, priority, weight, expires_at, data, refs in items:
             try:
                 sched = flow.scheduler()
             except NotRunningError as exc:
@@ -151,7 +153,8 @@ class _Client:
                 error = QueueFullError(f"{queued} tasks are waiting, the flow's queue_size is {sched.queue_size}")
                 self._reply(seq, False, error)
                 continue
-            entry = _RemoteEntry(self, seq, max(0, min(priority, sched.priorities - 1)), expires_at, (data, refs))
+            priority = max(0, min(priority, sched.priorities - 1))
+            entry = _RemoteEntry(self, seq, priority, weight, expires_at, (data, refs))
             entry.metrics = metrics
             self.entries[seq] = entry
             sched.submit(entry)
@@ -314,7 +317,7 @@ class RemoteFlow:
             self._pending[seq] = future
             if not self._outbox:
                 loop.call_soon(self._flush)
-            self._outbox.append((seq, task.priority, task.expiration_time, data, refs))
+            self._outbox.append((seq, task.priority, task.weight, task.expiration_time, data, refs))
             for lease in leases:
                 lease.retain()
             timer = loop.call_later(timeout_sec, _expire, future)

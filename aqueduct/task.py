@@ -17,7 +17,7 @@ from ._runtime.shm import Segment, unlink
 DEFAULT_PRIORITY = 0
 
 #: Attributes that belong to the caller's task and are never overwritten by a worker's copy.
-_OWN_FIELDS = frozenset({"task_id", "priority", "expiration_time", "_shared_fields"})
+_OWN_FIELDS = frozenset({"task_id", "priority", "weight", "expiration_time", "_shared_fields"})
 _SHARE_PREFIX_TEMPLATE = "aqd-task-{pid}"
 
 
@@ -63,6 +63,7 @@ class BaseTask:
 
     task_id: str = ""
     priority: int = DEFAULT_PRIORITY
+    weight: int = 1
     expiration_time: float | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -81,6 +82,20 @@ class BaseTask:
     def set_priority(self, priority: int) -> None:
         """Set the priority; with ``Flow(queue_priorities=N)`` higher values (up to N-1) are taken first."""
         self.priority = priority
+
+    def set_weight(self, weight: int) -> None:
+        """Count the task as ``weight`` toward each step's ``batch_size`` (default 1).
+
+        For a task that carries several rows of a batch (a request of N rows): a worker's batch then
+        holds at most ``batch_size`` rows, never a part of a task; a task heavier than ``batch_size``
+        is handled in a batch of its own. Without weights a batch holds ``batch_size`` tasks, as upstream.
+
+        Raises:
+            ValueError: ``weight`` is not an integer >= 1.
+        """
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+            raise ValueError(f"weight must be an integer >= 1, got {weight!r}")
+        self.weight = weight
 
     def is_expired(self) -> bool:
         """Whether the deadline set by ``set_timeout`` has passed."""

@@ -59,6 +59,7 @@ class Entry:
         "current",
         "encoded",
         "priority",
+        "weight",
         "expires_at",
         "segments",
         "keep",
@@ -71,10 +72,18 @@ class Entry:
         "arrived_at",
     )
 
-    def __init__(self, current: BaseTask | None, encoded: codec.Encoded | None, priority: int, expires_at: float):
+    def __init__(
+        self,
+        current: BaseTask | None,
+        encoded: codec.Encoded | None,
+        priority: int,
+        expires_at: float,
+        weight: int = 1,
+    ) -> None:
         self.current = current
         self.encoded = encoded
         self.priority = priority
+        self.weight = weight  # toward batch_size (BaseTask.set_weight)
         self.expires_at = expires_at
         self.segments: dict[str, shm.Segment] = {}
         self.keep: frozenset[str] = frozenset()
@@ -132,7 +141,7 @@ class LocalEntry(Entry):
     __slots__ = ("task", "future", "timer", "leases")
 
     def __init__(self, task: BaseTask, future: asyncio.Future[BaseTask], leases: tuple[Lease, ...] = ()) -> None:
-        super().__init__(task, None, task.priority, task.expiration_time or float("inf"))
+        super().__init__(task, None, task.priority, task.expiration_time or float("inf"), task.weight)
         self.task = task
         self.future = future
         self.segments = task.shared_segments()
@@ -248,6 +257,8 @@ class _StepRuntime:
         self.name = name
         self.queues: list[deque[Entry]] = [deque() for _ in range(priorities)]
         self.waiting = 0
+        #: The weights of the tasks in ``queues`` (suspect groups aside): rows, where tasks carry several.
+        self.rows = 0
         self.workers: list[WorkerProcess | None] = [None] * step.nprocs
         self.restarts = 0
         self.restart_reasons: dict[str, int] = {}
@@ -268,7 +279,7 @@ class _StepRuntime:
     def dispatch_at(self, now: float) -> float:
         """When a free worker should take the waiting (fewer than a batch) tasks."""
         if self.adaptive is not None:
-            return self.adaptive.dispatch_at(now, self.oldest(), self.waiting, self.step.batch_size)
+            return self.adaptive.dispatch_at(now, self.oldest(), self.rows, self.step.batch_size)
         if self.step.batch_timeout:
             return self.oldest() + self.step.batch_timeout
         return now
@@ -397,6 +408,7 @@ class Scheduler:
                 rt.adaptive.arrived(entry.enqueued_at)
             rt.queues[entry.priority].append(entry)
             rt.waiting += 1
+            rt.rows += entry.weight
             self.waiting += 1
             self._schedule(rt)
             return
@@ -434,7 +446,7 @@ class Scheduler:
             batches: list[list[Entry]] = []
             while rt.waiting > rt.suspect_count():
                 held = len(w.inflight) + len(batches)
-                queued = rt.waiting - rt.suspect_count()
+                queued = rt.rows
                 if held >= rt.max_inflight or (held and queued < size):
                     break
                 if not held and queued < size:
@@ -469,13 +481,19 @@ class Scheduler:
         self._dispatch(rt)
 
     def _take(self, rt: _StepRuntime, size: int) -> list[Entry]:
-        """Up to ``size`` live tasks, highest priority first; tasks whose caller gave up are dropped."""
+        """Live tasks of at most ``size`` rows (their weights; one task at least), highest priority first;
+        tasks whose caller gave up are dropped."""
         batch: list[Entry] = []
+        rows = 0
         now = time.monotonic()
         for queue in reversed(rt.queues):
-            while queue and len(batch) < size:
-                entry = queue.popleft()
+            while queue and rows < size:
+                entry = queue[0]
+                if batch and rows + entry.weight > size:
+                    return batch  # the next task does not fit: it heads the next batch
+                queue.popleft()
                 rt.waiting -= 1
+                rt.rows -= entry.weight
                 self.waiting -= 1
                 if entry.done:
                     if rt.metrics:
@@ -489,6 +507,7 @@ class Scheduler:
                     self._forget(entry)
                     continue
                 batch.append(entry)
+                rows += entry.weight
         return batch
 
     def _take_suspects(self, rt: _StepRuntime) -> list[Entry]:
@@ -537,6 +556,7 @@ class Scheduler:
                     queue.clear()
                     queue.extend(live)
                     rt.waiting -= dropped
+                    rt.rows -= sum(e.weight for e in gone)
                     self.waiting -= dropped
                     for entry in gone:
                         entry.fail(TaskTimeoutError())
@@ -645,7 +665,7 @@ class Scheduler:
         w.batches_done += 1
         if not w.inflight:
             w.suspect = False
-        handled = ok = 0
+        handled = rows = ok = 0
         metrics = rt.metrics
         worker_prefix = self._worker_prefix
         bundled: Iterator[BaseTask] | None = None
@@ -663,6 +683,7 @@ class Scheduler:
             entry.in_worker = False
             if status != EXPIRED:
                 handled += 1
+                rows += entry.weight
             answer: BaseTask | None = None
             if status == OK and payload is None:
                 assert bundled is not None
@@ -697,11 +718,11 @@ class Scheduler:
         rt.quick = seconds < pipes.SPIN_S
         if handled:
             if metrics:
-                metrics.batch(handled, seconds)
+                metrics.batch(handled, rows, seconds)
                 if ok:
                     metrics.outcome["ok"].inc(ok)
             if rt.adaptive is not None:
-                rt.adaptive.handled(handled, seconds)
+                rt.adaptive.handled(rows, seconds)
         self._schedule(rt)
 
     def _on_resend(self, rt: _StepRuntime, w: WorkerProcess, batch_id: int) -> None:
@@ -722,6 +743,7 @@ class Scheduler:
         """Put a task back at the head of its step's queue."""
         rt.queues[entry.priority].appendleft(entry)
         rt.waiting += 1
+        rt.rows += entry.weight
         self.waiting += 1
 
     def _on_exit(self, rt: _StepRuntime, w: WorkerProcess) -> None:

@@ -250,6 +250,8 @@ class InferenceEndpoint:
             check_inputs(request.inputs, self.settings.inputs, self.max_rows)
             check_requested_outputs(request, self.settings.outputs)
             task = InferenceTask(request.inputs, request.parameters, bind_request_id(request.id))
+            if self.max_rows is not None:  # batch_size counts rows: a request weighs its rows
+                task.set_weight(len(next(iter(request.inputs.values()))))
             timeout = self.settings.timeout
             if request.parameters:
                 timeout = self._apply_parameters(task, request.parameters)

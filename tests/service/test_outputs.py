@@ -3,6 +3,7 @@ the batch are answered; lossless casts are made; requested outputs limit the ans
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,7 @@ import tritonclient.http as triton
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from tests.service.conftest import Server, echo_config
+from tests.service.conftest import FRONT_ENDS, Server, echo_config
 
 BATCH_SIZE = 16
 CONFIG: dict[str, Any] = {
@@ -140,3 +141,17 @@ def test_triton_model_config_without_batch_dim(start_server: Callable[..., Serve
     assert answer["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1]}]
     assert answer["dynamic_batching"]["preferred_batch_size"] == [16]
     assert server.client.get("/v2/models/echo/versions/2/config").status_code == 404
+
+
+@pytest.mark.parametrize("front_ends", FRONT_ENDS)
+def test_batch_size_counts_rows(start_server: Callable[..., Server], front_ends: int) -> None:
+    server = start_server(CONFIG, env={"AQUEDUCT_SERVER__WORKERS": str(front_ends)})
+    with ThreadPoolExecutor(8) as pool:  # 8 requests of 3 rows: 24 rows, over one batch of 16
+        answers = list(pool.map(lambda _: ask(server, 3), range(8)))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    rows = [tensors(a)["batch"]["data"][0] for a in answers]
+    assert max(rows) <= BATCH_SIZE and max(rows) > 3, rows  # batched together, never over batch_size rows
+    metrics = server.client.get("/metrics").text
+    (batched_rows,) = re.findall(r'^aqueduct_batch_rows_total\{step="double"\} (\S+)$', metrics, re.M)
+    (batched_tasks,) = re.findall(r'^aqueduct_batch_size_sum\{step="double"\} (\S+)$', metrics, re.M)
+    assert (float(batched_rows), float(batched_tasks)) == (24, 8)
