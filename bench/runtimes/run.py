@@ -84,6 +84,7 @@ class Sitting:
     started: str
     uptime_before: str
     commit: str
+    argv: str
     onnx: list[OnnxRow] = field(default_factory=list)
     tabular: list[Row] = field(default_factory=list)
     answers: dict[str, Any] = field(default_factory=dict)
@@ -243,7 +244,9 @@ def onnx_section(args: argparse.Namespace, models: Path, tmp: str, sitting: Sitt
         request = image_request(net)
         files = files_for(request, tmp, f"onnx-{net}")
         port = free_port()
-        step = {"runtime": "onnx", "model": str(path), "batch_timeout": args.onnx_window}
+        step: dict[str, Any] = {"runtime": "onnx", "model": str(path), "batch_timeout": args.onnx_window}
+        if args.onnx_threads:
+            step["options"] = {"threads": args.onnx_threads}
         argv, env = pod(f"onnx-{net}", pod_config(net, step), port, tmp)
         with serving(f"pod ({net})", argv, env, port, request) as proc:
             sitting.answers[f"onnx {net}"] = answer(port, request)
@@ -299,7 +302,7 @@ def tabular_server(kind: str, server: str, args: argparse.Namespace, models: Pat
     uri = models / ("sklearn/model.joblib" if kind == "sklearn" else "xgboost/model.json")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     base, _, threads = server.partition(":")
-    if base == "handler" and kind != "xgboost":
+    if kind != "xgboost" and (base == "handler" or threads):
         return
     port = free_port()
     stop = signal.SIGTERM
@@ -312,7 +315,7 @@ def tabular_server(kind: str, server: str, args: argparse.Namespace, models: Pat
     elif base == "aqueduct":
         step = {"runtime": kind, "model": str(uri), "batch_timeout": 0.002}
         options: dict[str, Any] = {"trust_pickle": True} if kind == "sklearn" else {}
-        if threads and kind == "xgboost":
+        if threads:
             options["threads"] = int(threads)
         step["options"] = options
         argv, env = pod(f"{kind}-runtime", pod_config(kind, step), port, tmp)
@@ -354,7 +357,7 @@ def tabular_server(kind: str, server: str, args: argparse.Namespace, models: Pat
 
 # ---------------------------------------------------------------------------------------------- report
 def report(sitting: Sitting) -> None:
-    print(f"\n{sitting.started}, commit {sitting.commit}")
+    print(f"\n{sitting.started}, commit {sitting.commit}: run.py {sitting.argv}")
     print(f"before: {sitting.uptime_before}\nafter:  {sitting.uptime_after}")
     if sitting.onnx:
         print(
@@ -400,18 +403,19 @@ def report(sitting: Sitting) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="onnx,sklearn,xgboost")
+    parser.add_argument("--sections", default="onnx,sklearn,xgboost", help="onnx, sklearn and/or xgboost")
     parser.add_argument("--models-dir", help="where the model files are (made there when missing); default: a temp dir")
     parser.add_argument("--convnets", default="resnet18,convnet", help="onnx nets: resnet18 and/or convnet")
     parser.add_argument("--onnx-duration", type=float, default=30.0, help="seconds per onnx measurement")
     parser.add_argument("--onnx-window", type=float, default=0.01, help="the onnx step's batch_timeout, s")
     parser.add_argument("--onnx-concurrency", type=int, default=BATCH, help="wrk's connections for the onnx pod")
+    parser.add_argument("--onnx-threads", type=int, default=0, help="the onnx runtime's threads (default: its own)")
     parser.add_argument("--threads", type=int, default=0, help="in-process intra-op threads (default: the CPUs)")
     parser.add_argument(
         "--servers",
         default="aqueduct,handler,mlserver",
-        help="tabular: aqueduct (the runtime), handler (xgboost only) and/or mlserver; NAME:N sets the model's "
-        "threads to N (the runtime's threads option, the handler's nthread, OMP_NUM_THREADS for MLServer)",
+        help="tabular: aqueduct (the runtime), handler (xgboost only) and/or mlserver; NAME:N (xgboost only) sets "
+        "the model's threads to N (the runtime's threads option, the handler's nthread, OMP_NUM_THREADS for MLServer)",
     )
     parser.add_argument("--concurrency", default="64,1", help="tabular wrk levels")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per tabular level")
@@ -423,8 +427,10 @@ def main() -> None:
     parser.add_argument("--mlserver", default="/tmp/venv-mlserver/bin/mlserver")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    sitting = Sitting(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), uptime(), commit.stdout.strip())
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    sitting = Sitting(started, uptime(), commit.stdout.strip(), " ".join(sys.argv[1:]))
     print(f"before: {sitting.uptime_before}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(args.models_dir or Path(tmp) / "models")
