@@ -319,8 +319,6 @@ def tabular_server(kind: str, server: str, args: argparse.Namespace, models: Pat
             options["threads"] = int(threads)
         step["options"] = options
         argv, env = pod(f"{kind}-runtime", pod_config(kind, step), port, tmp)
-        if threads and kind == "sklearn":  # no threads option: the engine leaves a user's OMP_NUM_THREADS
-            env["OMP_NUM_THREADS"] = threads
     elif base == "handler":
         step = {
             "handler": "bench.runtimes.handlers:XGBoostHandler",
