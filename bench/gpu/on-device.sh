@@ -5,7 +5,7 @@
 # bench/gpu/run.sh (ResNet-50: in process, through the pod with 1 and N front ends, mosec, two workers).
 # Output goes to $OUT (default /tmp/gpu-bench). Usage: bench/gpu/on-device.sh [N front ends, default 8]
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-/tmp/gpu-bench}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
