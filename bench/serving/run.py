@@ -112,7 +112,8 @@ def command(server: str, model: str, port: int, mosec_python: str) -> tuple[list
         if model == "resnet":
             return [mosec_python, str(REPO / "bench/gpu/mosec_resnet.py"), *address], env
         return [mosec_python, str(HERE / "mosec_app.py"), "--model", model, *address], env
-    env.update(PYTHONPATH=f"{REPO}:{REPO / 'service'}", AQUEDUCT_SERVER__WORKERS=server.split("-", 1)[1])
+    path = os.pathsep.join(p for p in (str(REPO), str(REPO / "service"), env.get("PYTHONPATH", "")) if p)
+    env.update(PYTHONPATH=path, AQUEDUCT_SERVER__WORKERS=server.split("-", 1)[1])
     python = os.environ.get("AQUEDUCT_PYTHON", str(REPO / ".venv/bin/python"))
     address = ["--host", "127.0.0.1", "--port", str(port)]
     return [python, "-m", "aqueduct_service", "--config", str(CONFIGS[model]), *address], env
