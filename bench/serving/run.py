@@ -112,6 +112,7 @@ def command(server: str, model: str, port: int, mosec_python: str) -> tuple[list
         if model == "resnet":
             return [mosec_python, str(REPO / "bench/gpu/mosec_resnet.py"), *address], env
         return [mosec_python, str(HERE / "mosec_app.py"), "--model", model, *address], env
+    env.pop("AQUEDUCT_PYTHON", None)  # the bench's own setting, not a config override (AQUEDUCT_*) for the pod
     path = os.pathsep.join(p for p in (str(REPO), str(REPO / "service"), env.get("PYTHONPATH", "")) if p)
     env.update(PYTHONPATH=path, AQUEDUCT_SERVER__WORKERS=server.split("-", 1)[1])
     python = os.environ.get("AQUEDUCT_PYTHON", str(REPO / ".venv/bin/python"))
