@@ -360,15 +360,17 @@ def report(sitting: Sitting) -> None:
     if sitting.onnx:
         print(
             "\n| model | onnxruntime in process, images/s | pod, images/s (wrk's count) | pod / in process | "
-            "mean batch | pod CPU % (model worker) | in-process CPU % | pod p50 ms | errors |"
+            "mean batch | in-process CPU % | pod CPU % (model worker) | images per CPU-second, in process / pod | "
+            "pod p50 ms | errors |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for o in sitting.onnx:
+            alone, served = o.in_process_images_per_s / o.in_process_cpu_percent, o.pod_images_per_s / o.pod_cpu_percent
             print(
                 f"| {o.model} | {o.in_process_images_per_s:,.1f} | {o.pod_images_per_s:,.1f} "
                 f"({o.wrk_images_per_s:,.1f}) | **{o.ratio:.2f}×** | {o.mean_batch:.1f} | "
-                f"{o.pod_cpu_percent:.0f} ({o.worker_cpu_percent:.0f}) | {o.in_process_cpu_percent:.0f} | "
-                f"{o.p50_ms:.0f} | {o.errors} |"
+                f"{o.in_process_cpu_percent:.0f} | {o.pod_cpu_percent:.0f} ({o.worker_cpu_percent:.0f}) | "
+                f"{100 * alone:,.0f} / {100 * served:,.0f} = {served / alone:.2f}× | {o.p50_ms:.0f} | {o.errors} |"
             )
     if sitting.tabular:
         print("\n| model | server | c | req/s | p50 ms | p99 ms | errors | server CPU % | CPU µs/request |")
@@ -424,7 +426,14 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=1.0)
     parser.add_argument("--mlserver", default="/tmp/venv-mlserver/bin/mlserver")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--report", metavar="JSON", help="print the tables of a sitting written by --json, run nothing")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        saved["onnx"] = [OnnxRow(**o) for o in saved["onnx"]]
+        saved["tabular"] = [Row(**r) for r in saved["tabular"]]
+        report(Sitting(**saved))
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
