@@ -84,7 +84,7 @@ class Sitting:
     started: str
     uptime_before: str
     commit: str
-    argv: str
+    argv: str = ""
     onnx: list[OnnxRow] = field(default_factory=list)
     tabular: list[Row] = field(default_factory=list)
     answers: dict[str, Any] = field(default_factory=dict)
