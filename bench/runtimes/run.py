@@ -7,19 +7,21 @@ XGBoost booster of 1,000 trees (JSON) on 16 features.
 
 Sections (``--sections``):
 
-- ``onnx``: for each net of ``--convnets``, first ``onnxruntime.InferenceSession.run`` in this process on
-  batches of 64 images back to back (intra-op threads: ``--threads``, the pod's share by default), then the
-  pod (``runtime: onnx``, batch_size 64, ``--onnx-window``) under wrk at c = 64, one 150 KB image per
-  request as an OIP binary tensor. The pod's images/s is read from its ``/metrics`` (tasks handled between
-  the first and the last batch that ended in the run, polled every 0.1 s), since wrk's count of a
-  ``--onnx-duration`` run is off by up to one batch of seconds; wrk's figure is shown too. Also: the mean
-  batch size (``aqueduct_batch_size``), the pod's CPU and the model worker's part of it.
+- ``onnx``: for each net of ``--convnets``, ``--rounds`` pairs of runs: ``onnxruntime.InferenceSession.run``
+  in this process on one batch of 64 images back to back (intra-op threads: ``--threads``, all the CPUs by
+  default), then the pod (``runtime: onnx``, batch_size 64, ``--onnx-window``, ``--onnx-threads``) under
+  wrk at c = ``--onnx-concurrency`` (64), one 150 KB image per request as an OIP binary tensor.
+  The pod's images/s is read from its ``/metrics`` (tasks handled between the first and the last batch
+  that ended in the run, polled every 0.1 s), since wrk's count of a ``--onnx-duration`` run is off by up
+  to one batch of seconds; wrk's figure is shown too. Also: the mean batch size (``aqueduct_batch_size``),
+  the pod's CPU and the model worker's part of it.
 - ``sklearn``, ``xgboost``: JSON requests of one row (FP64 for sklearn, FP32 for xgboost, 16 features)
   under wrk at each ``--concurrency`` level, against each of ``--servers``: ``aqueduct`` (the runtime,
   batch_size 64, 2 ms window; the joblib file with ``trust_pickle``), ``handler`` (xgboost only:
   ``bench/runtimes/handlers.py`` in the same pod) and ``mlserver`` (``mlserver-sklearn`` /
   ``mlserver-xgboost``, adaptive batching max_batch_size 64, max_batch_time 0.002, one parallel worker,
-  as our pod has one model worker).
+  as our pod has one model worker). ``NAME:N`` (xgboost) sets the model's threads to N. Every server
+  ``--rounds`` times, every second round in reverse order; the ratios printed are of the medians.
 
 Every server gets one front-end process (our ``server.workers: 1``; MLServer's one). Load: wrk
 (Debian's ``wrk``), one thread, closed loop, one keep-alive connection per client, on 127.0.0.1, as
