@@ -99,6 +99,7 @@ def pod(name: str, config: dict[str, Any], port: int, tmp: str) -> tuple[list[st
     path = Path(tmp) / f"{name}.yaml"
     path.write_text(json.dumps(config))
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'service'}", AQUEDUCT_SERVER__WORKERS="1")
+    env.pop("AQUEDUCT_PYTHON", None)  # the bench's own setting, not a config override (AQUEDUCT_*) for the pod
     python = os.environ.get("AQUEDUCT_PYTHON", str(REPO / ".venv/bin/python"))
     argv = [python, "-m", "aqueduct_service", "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
     return argv, env
