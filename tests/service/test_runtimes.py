@@ -4,6 +4,7 @@ files refused by the pod with exit status 2, naming the file and the runtime, be
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -232,6 +233,25 @@ def test_onnx_joins_tasks_rows_and_splits_the_outputs(models: dict[str, Path]) -
         assert task.outputs["y"].shape == (len(x), 3)
         np.testing.assert_allclose(task.outputs["y"], alone["y"], rtol=1e-6)
         np.testing.assert_allclose(task.outputs["norm"], alone["norm"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_onnx_threads_sleep_between_runs_unless_told_to_spin(models: dict[str, Path], spinning: bool) -> None:
+    runtime = OnnxRuntime(str(models["linear"]), threads=1, spinning=spinning)
+    runtime.on_start()
+    options = runtime._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+
+
+def test_tree_runtimes_let_openmp_threads_sleep_unless_the_user_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    XGBoostRuntime(str(make_xgboost(tmp_path)[0]), threads=1).on_start()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    LightGBMRuntime(str(make_lightgbm(tmp_path)[0]), threads=1).on_start()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_onnx_string_tensors_are_bytes(tmp_path: Path) -> None:

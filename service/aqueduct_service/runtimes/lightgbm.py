@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..settings import TensorSpec
-from .base import ModelMetadata, ModelRuntime, worker_threads
+from .base import ModelMetadata, ModelRuntime, quiet_openmp, worker_threads
 
 INPUT = "input"
 OUTPUT = "predict"
@@ -50,6 +50,7 @@ class LightGBMRuntime(ModelRuntime):
         )
 
     def load(self) -> None:
+        quiet_openmp()
         import lightgbm
 
         self._booster = lightgbm.Booster(model_file=self.model_path)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..settings import TensorSpec
-from .base import ModelLoadError, ModelMetadata, ModelRuntime
+from .base import ModelLoadError, ModelMetadata, ModelRuntime, quiet_openmp
 
 METHODS = ("predict", "predict_proba")
 PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
@@ -118,6 +118,7 @@ class SklearnRuntime(ModelRuntime):
         )
 
     def load(self) -> None:
+        quiet_openmp()
         self._predict, _ = self._open()
         datatype = self.metadata().outputs[0].datatype
         self._output_dtype = next((d for name, d in _OUTPUT_KINDS.values() if name == datatype), "U")

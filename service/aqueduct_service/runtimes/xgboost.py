@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..settings import TensorSpec
-from .base import ModelMetadata, ModelRuntime, worker_threads
+from .base import ModelMetadata, ModelRuntime, quiet_openmp, worker_threads
 
 INPUT = "input"
 OUTPUT = "predict"
@@ -47,6 +47,7 @@ class XGBoostRuntime(ModelRuntime):
         )
 
     def load(self) -> None:
+        quiet_openmp()
         import xgboost
 
         self._booster = xgboost.Booster(model_file=self.model_path)
