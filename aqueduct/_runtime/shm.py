@@ -35,7 +35,7 @@ class Segment:
     memory): what a handler writes into its task's arrays stays in the worker, see ``map_arenas_privately``.
     """
 
-    __slots__ = ("name", "mm", "base", "size", "pristine")
+    __slots__ = ("name", "mm", "base", "size", "pristine", "clean")
 
     def __init__(self, name: str, mm: mmap.mmap, size: int, pristine: mmap.mmap | None = None) -> None:
         self.name = name
@@ -43,6 +43,8 @@ class Segment:
         self.size = size
         self.base = np.frombuffer(mm, dtype=np.uint8, count=size).ctypes.data if size else 0
         self.pristine = pristine
+        #: Known to hold no page of this process's own (``check_clean``): nothing to compare or drop.
+        self.clean = False
 
     @classmethod
     def create(cls, prefix: str, data: memoryview) -> Segment:
@@ -79,9 +81,14 @@ class Segment:
         finally:
             os.close(fd)
 
+    def check_clean(self, start: int, end: int) -> None:
+        """Find out once whether ``[start, end)``, where a batch's blocks lie, holds pages of our own."""
+        if self.pristine is not None:
+            self.clean = not _has_own_pages(self.base + start, end - start)
+
     def changed(self, offset: int, nbytes: int) -> bool:
         """Whether this process wrote different bytes into ``[offset, offset + nbytes)`` of a private mapping."""
-        if self.pristine is None or not _has_own_pages(self.base + offset, nbytes):
+        if self.pristine is None or self.clean or not _has_own_pages(self.base + offset, nbytes):
             return False
         ours = np.frombuffer(self.mm, dtype=np.uint8, count=nbytes, offset=offset)
         shared = np.frombuffer(self.pristine, dtype=np.uint8, count=nbytes, offset=offset)
@@ -90,7 +97,7 @@ class Segment:
     def forget_writes(self, offset: int, nbytes: int) -> None:
         """Drop this process's copies of the pages of ``[offset, offset + nbytes)`` of a private mapping:
         they show the shared memory again (a later task in the same block must not see our old writes)."""
-        if self.pristine is None or not _has_own_pages(self.base + offset, nbytes):
+        if self.pristine is None or self.clean or not _has_own_pages(self.base + offset, nbytes):
             return
         start = offset // mmap.PAGESIZE * mmap.PAGESIZE
         end = min(self.size, -(-(offset + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)

@@ -158,6 +158,8 @@ class _Worker:
         if live:
             self.handle(live, outcomes)
         elapsed = time.perf_counter() - started
+        sent: list[codec.BufferRef] = tasks[1] if isinstance(tasks, tuple) else [r for _, rs in tasks for r in rs]
+        _check_clean(segments, sent)
         done = [(i, task) for i, task in live if outcomes[i][0] == OK]
         bundle = codec.encode_batch([task for _, task in done], segments) if bundled and done else None
         if bundle is None:
@@ -169,10 +171,9 @@ class _Worker:
                     outcomes[i] = (ERROR, (*describe_exception(exc), TaskError.PICKLING_RESULT))
         self.send(("done", batch_id, outcomes, elapsed, bundle))
         # the batch's blocks may be handed to other tasks now: our writes into them must not show there
-        sent: list[codec.BufferRef] = tasks[1] if isinstance(tasks, tuple) else [r for _, rs in tasks for r in rs]
         for name, _, offset, nbytes in sent:
             seg = segments.get(name)
-            if seg is not None and seg.pristine is not None:
+            if seg is not None and seg.pristine is not None and not seg.clean:
                 seg.forget_writes(offset, nbytes)
 
     def output_arena(self) -> OutputArena | None:
@@ -199,6 +200,19 @@ class _Worker:
             return
         for i, _ in live:
             outcomes[i] = (OK, None)
+
+
+def _check_clean(segments: dict[str, shm.Segment], refs: list[codec.BufferRef]) -> None:
+    """Ask once per private segment whether the handler wrote anywhere in the span of the batch's blocks
+    (the common batch changed nothing: its arrays then go back by reference without a compare each)."""
+    spans: dict[str, tuple[int, int]] = {}
+    for name, _, offset, nbytes in refs:
+        low, high = spans.get(name, (offset, offset + nbytes))
+        spans[name] = (min(low, offset), max(high, offset + nbytes))
+    for name, (low, high) in spans.items():
+        seg = segments.get(name)
+        if seg is not None:
+            seg.check_clean(low, high)
 
 
 def worker_main(
