@@ -157,6 +157,19 @@ def echo_config(**overrides: Any) -> dict[str, Any]:
     return config
 
 
+@contextlib.contextmanager
+def serving(workdir: Path, config: dict[str, Any], front_ends: int = 1) -> Iterator[Server]:
+    """A server on ``config`` (written to ``workdir``) with ``front_ends`` HTTP processes, ready; stopped after."""
+    path = workdir / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    server = Server(path, workdir, {"AQUEDUCT_SERVER__WORKERS": str(front_ends)})
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 #: The pod with HTTP and the flow in one process, and with two front-end processes.
 FRONT_ENDS = [pytest.param(1, id="1-process"), pytest.param(2, id="2-frontends")]
 
@@ -164,15 +177,8 @@ FRONT_ENDS = [pytest.param(1, id="1-process"), pytest.param(2, id="2-frontends")
 @pytest.fixture(scope="module", params=FRONT_ENDS)
 def echo_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Server]:
     """One echo server shared by a module's tests, run with each ``server.workers`` of ``FRONT_ENDS``."""
-    workdir = tmp_path_factory.mktemp("echo")
-    path = workdir / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(echo_config()))
-    server = Server(path, workdir, {"AQUEDUCT_SERVER__WORKERS": str(request.param)})
-    try:
-        server.wait_ready()
+    with serving(tmp_path_factory.mktemp("echo"), echo_config(), request.param) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module", params=FRONT_ENDS)

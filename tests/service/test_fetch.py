@@ -56,8 +56,12 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(MOTO_PYTHON), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(MOTO_PYTHON), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for(lambda: _answers(endpoint, proc, log), 60, "moto's S3 server")
         _put(f"{endpoint}/{BUCKET}", b"")
@@ -127,8 +131,14 @@ def test_s3_download_with_endpoint_region_and_credentials(s3_endpoint: str, aws_
     ],
 )
 def test_failures_name_the_uri_and_leave_nothing(
-    http_url: str, s3_endpoint: str, aws_env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    uri: str, extra: list[str], message: str,
+    http_url: str,
+    s3_endpoint: str,
+    aws_env: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    uri: str,
+    extra: list[str],
+    message: str,
 ) -> None:
     fill = {"http": http_url, "s3": s3_endpoint, "closed": str(free_port())}
     uri, message = uri.format(**fill), message.format(**fill)
@@ -144,9 +154,22 @@ def test_console_script_in_a_pod_like_environment(s3_endpoint: str, tmp_path: Pa
     dest = tmp_path / "mnt" / "models"
     for key, status in (("resnet/model.pt", 0), ("resnet/gone.pt", 1)):
         done = subprocess.run(
-            [sys.executable, "-m", "aqueduct_service.fetch", f"s3://{BUCKET}/{key}", str(dest),
-             "--s3-endpoint", s3_endpoint, "--s3-region", "eu-west-1"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "aqueduct_service.fetch",
+                f"s3://{BUCKET}/{key}",
+                str(dest),
+                "--s3-endpoint",
+                s3_endpoint,
+                "--s3-region",
+                "eu-west-1",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == status, done.stderr
     assert f"s3://{BUCKET}/resnet/gone.pt: S3 NoSuchKey" in done.stderr

@@ -16,11 +16,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import Server, echo_config
+from .conftest import Server, echo_config, serving
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -200,18 +199,11 @@ def exchange(port: int, path: str, headers: dict[str, str], body: bytes) -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    workdir = tmp_path_factory.mktemp("fuzz")
     config = echo_config()
     config["steps"][0]["handler"] = "tests.service.fuzz_handlers:MirrorHandler"
     config["server"]["max_body_bytes"] = MAX_BODY
-    path = workdir / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    started = Server(path, workdir, {"AQUEDUCT_SERVER__WORKERS": "1"})
-    try:
-        started.wait_ready()
-        yield started
-    finally:
-        started.stop()
+    with serving(tmp_path_factory.mktemp("fuzz"), config) as server:
+        yield server
 
 
 def test_generated_hostile_requests_get_no_undocumented_5xx(server: Server) -> None:

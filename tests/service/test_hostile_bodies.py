@@ -12,14 +12,13 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-import yaml
 from aqueduct_service.errors import InferenceError
 from aqueduct_service.inference import MAX_ID_CHARS, decode_request
 from aqueduct_service.json_data import MAX_JSON_BYTES, SPLIT_MIN_BYTES, parse_numbers
 from aqueduct_service.limits import MAX_FREE_FORM_BYTES, MAX_FREE_FORM_DEPTH, DecodeBudget, check_free_form
 from aqueduct_service.settings import TensorSpec
 
-from .conftest import Server, echo_config, wait_for
+from .conftest import Server, echo_config, serving, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -193,17 +192,10 @@ def test_the_decode_budget_lets_one_request_in_and_refuses_beyond_it() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The echo model with a declared FP32 input ``x``, 8 MiB bodies and a decode budget of 1 KiB."""
-    workdir = tmp_path_factory.mktemp("hostile")
     config = echo_config(inputs=[{"name": "x", "datatype": "FP32", "shape": [-1]}])
     config["server"].update(max_body_bytes=LIMIT, decode_budget_bytes=1024)
-    path = workdir / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    started = Server(path, workdir, {"AQUEDUCT_SERVER__WORKERS": "1"})
-    try:
-        started.wait_ready()
-        yield started
-    finally:
-        started.stop()
+    with serving(tmp_path_factory.mktemp("hostile"), config) as server:
+        yield server
 
 
 def post(server: Server, raw: bytes, header_length: int | None = None) -> httpx.Response:

@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
-from .conftest import FRONT_ENDS, Server, echo_config
+from .conftest import FRONT_ENDS, Server, echo_config, serving
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -58,16 +57,9 @@ THROUGH_OUTPUT = [
 )
 def in_place_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Any:
     front_ends, through = request.param
-    workdir = tmp_path_factory.mktemp("inplace")
     config = echo_config(steps=[IN_PLACE] if through == "input" else THROUGH_OUTPUT)
-    path = workdir / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    server = Server(path, workdir, {"AQUEDUCT_SERVER__WORKERS": str(front_ends.values[0])})
-    try:
-        server.wait_ready()
+    with serving(tmp_path_factory.mktemp("inplace"), config, front_ends.values[0]) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_a_timed_out_request_does_not_write_into_the_next_ones_tensor(in_place_server: Server) -> None:

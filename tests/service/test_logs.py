@@ -11,9 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from tests.service.conftest import FRONT_ENDS, Server, echo_config, wait_for
+from tests.service.conftest import FRONT_ENDS, Server, echo_config, serving, wait_for
 from tests.service.handlers import CRASH, POISON
 
 LOG_CONFIG = echo_config(
@@ -24,15 +23,8 @@ LOG_CONFIG = echo_config(
 
 @pytest.fixture(scope="module", params=FRONT_ENDS)
 def log_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Server]:
-    workdir = tmp_path_factory.mktemp("logs")
-    path = workdir / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(LOG_CONFIG))
-    server = Server(path, workdir, {"AQUEDUCT_SERVER__WORKERS": str(request.param)})
-    try:
-        server.wait_ready()
+    with serving(tmp_path_factory.mktemp("logs"), LOG_CONFIG, request.param) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def infer(server: Server, x: float, headers: dict[str, str] | None = None, **doc: Any) -> httpx.Response:

@@ -76,8 +76,11 @@ async def infer_all(server: Server, batch: np.ndarray) -> list[dict[str, Any]]:
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
 
         async def one(image: np.ndarray) -> dict[str, Any]:
-            body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(image.shape),
-                                "data": image.ravel().tolist()}]}
+            body = {
+                "inputs": [
+                    {"name": "image", "datatype": "UINT8", "shape": list(image.shape), "data": image.ravel().tolist()}
+                ]
+            }
             reply = await client.post("/v2/models/resnet/infer", json=body)
             assert reply.status_code == 200, reply.text
             return {out["name"]: out for out in reply.json()["outputs"]}

@@ -53,10 +53,14 @@ def test_a_flood_of_large_requests_stays_within_the_operators_shm_size(tmp_path:
     config["server"].update(workers=1, max_body_bytes=8 * MIB)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
-    pipeline = {"metadata": {"name": "echo"}, "spec": {
-        "image": "aqueduct:dev", "steps": [{"name": "echo", "handler": "tests.service.handlers:EchoHandler"}],
-        "server": {"workers": 1, "maxBodyBytes": 8 * MIB},
-    }}
+    pipeline = {
+        "metadata": {"name": "echo"},
+        "spec": {
+            "image": "aqueduct:dev",
+            "steps": [{"name": "echo", "handler": "tests.service.handlers:EchoHandler"}],
+            "server": {"workers": 1, "maxBodyBytes": 8 * MIB},
+        },
+    }
     limit = int(quantity(shm_size_limit(parse(pipeline))))
 
     server = Server(path, tmp_path)
@@ -96,9 +100,11 @@ def test_a_flood_of_large_requests_stays_within_the_operators_shm_size(tmp_path:
     finally:
         done.set()
         server.stop()
-    print(f"\n[shm] 1 front end, {CLIENTS} clients x {REQUESTS_EACH} bodies of {BODY // MIB} MiB: "
-          f"peak {peak / MIB:.0f} MiB of /dev/shm, the operator's sizeLimit {limit // MIB} MiB; statuses {statuses}",
-          file=sys.stderr)
+    print(
+        f"\n[shm] 1 front end, {CLIENTS} clients x {REQUESTS_EACH} bodies of {BODY // MIB} MiB: "
+        f"peak {peak / MIB:.0f} MiB of /dev/shm, the operator's sizeLimit {limit // MIB} MiB; statuses {statuses}",
+        file=sys.stderr,
+    )
     assert sum(statuses.values()) == CLIENTS * REQUESTS_EACH and set(statuses) <= {200, 503, 504}, statuses
     assert statuses.get(200, 0) > 0
     assert peak > 32 * MIB  # the arena was full: requests waited in segments of their own
