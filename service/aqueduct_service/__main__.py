@@ -23,7 +23,7 @@ from .logs import configure_logging
 from .pipeline import build_flow, resolve_settings
 from .pod import run_pod
 from .server import ServingServer, uvicorn_config
-from .settings import ConfigError, load_settings
+from .settings import ConfigError, load_settings, with_host
 
 log = logging.getLogger("aqueduct_service")
 
@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     server_settings = settings.server
     host = args.host or server_settings.host
+    settings = with_host(settings, host)  # gRPC binds the same address as HTTP
     port = server_settings.port if args.port is None else args.port
     # Startup objects (modules, the app) are never garbage: keep full collections from scanning them.
     gc.collect()

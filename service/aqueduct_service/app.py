@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import numpy as np
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -26,11 +27,12 @@ from aqueduct.remote import Lease
 
 from .backend import FlowBackend, LocalBackend
 from .errors import RETRY_AFTER_SECONDS, InferenceError, from_engine_error
+from .grpc_api.service import InferenceService, start_grpc
 from .health import ServingState
 from .inference import InferRequest, check_inputs, check_requested_outputs, decode_request, encode_response
 from .limits import BudgetHold, DecodeBudget
 from .logs import REQUEST_ID, AccessLog, FailureLog, bind_request_id, header_request_id
-from .metrics import HttpMetrics, MetricsMiddleware
+from .metrics import GrpcMetrics, HttpMetrics, MetricsMiddleware
 from .model_config import triton_model_config
 from .outputs import declared_outputs
 from .settings import Settings, TensorSpec
@@ -120,13 +122,27 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
         assert isinstance(exc, HTTPException)
         return _json({"error": exc.detail}, exc.status_code, dict(exc.headers or {}))
 
+    endpoint = InferenceEndpoint(backend, settings, state)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await backend.start(state)
+        grpc_server = None
         try:
+            if settings.server.grpc_port:
+                grpc_server = await start_grpc(
+                    InferenceService(
+                        endpoint, settings, readiness, GrpcMetrics(backend.http_registry), metrics, _version()
+                    ),
+                    settings.server.host,
+                    settings.server.grpc_port,
+                    settings.server.max_body_bytes,
+                )
             yield
         finally:
             state.draining = True
+            if grpc_server is not None:  # calls in flight finish (new ones get UNAVAILABLE: draining)
+                await grpc_server.stop(settings.server.graceful_timeout)
             await backend.stop()
 
     routes = [
@@ -140,7 +156,7 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
         Route("/metrics", prometheus),
     ]
     return ServingApp(
-        InferenceEndpoint(backend, settings, state),
+        endpoint,
         metrics,
         access_log,
         routes=routes,
@@ -218,10 +234,7 @@ class InferenceEndpoint:
     async def _infer(
         self, name: str, receive: Receive, headers: list[tuple[bytes, bytes]]
     ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        if name != self.settings.name:
-            raise InferenceError(404, f"model {name!r} not found (this pod serves {self.settings.name!r})")
-        if self.state.draining:
-            raise InferenceError(503, "the server is shutting down", {"Retry-After": RETRY_AFTER_SECONDS})
+        self.admit(name)
         header_length = None
         body_length = None
         for key, value in headers:
@@ -247,22 +260,7 @@ class InferenceEndpoint:
                 request = await self._decode(body, header_length)
             finally:
                 hold.release()
-            check_inputs(request.inputs, self.settings.inputs, self.max_rows)
-            check_requested_outputs(request, self.settings.outputs)
-            task = InferenceTask(request.inputs, request.parameters, bind_request_id(request.id))
-            if self.max_rows is not None:  # batch_size counts rows: a request weighs its rows
-                task.set_weight(len(next(iter(request.inputs.values()))))
-            timeout = self.settings.timeout
-            if request.parameters:
-                timeout = self._apply_parameters(task, request.parameters)
-            try:
-                # the flow holds the lease too, until no worker can touch it: freeing ours below never
-                # hands its block to another request while a worker still runs this one (after a 504, say)
-                await self.backend.process(task, timeout_sec=timeout, leases=(lease,) if lease else ())
-            except FlowError as e:
-                self.failures.task_failed(e)
-                raise from_engine_error(e) from None
-            outputs = declared_outputs(request, task.outputs, self.settings.outputs, bool(self.settings.batch_dim))
+            outputs = await self.run(request, (lease,) if lease else ())
             payload, response_header_length = encode_response(self.settings.name, request, outputs)
         finally:
             if lease:
@@ -273,6 +271,37 @@ class InferenceEndpoint:
             (b"content-type", b"application/octet-stream"),
             (b"inference-header-content-length", str(response_header_length).encode()),
         ]
+
+    def admit(self, name: str) -> None:
+        """Refuse a request for another model (404) or while the pod drains (503)."""
+        if name != self.settings.name:
+            raise InferenceError(404, f"model {name!r} not found (this pod serves {self.settings.name!r})")
+        if self.state.draining:
+            raise InferenceError(503, "the server is shutting down", {"Retry-After": RETRY_AFTER_SECONDS})
+
+    async def run(
+        self, request: InferRequest, leases: tuple[Lease, ...] = (), deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Check a decoded request, run it through the flow and return its outputs, checked against the
+        model's (HTTP and gRPC alike). ``deadline``: the client's, in seconds from now, when it is sooner."""
+        check_inputs(request.inputs, self.settings.inputs, self.max_rows)
+        check_requested_outputs(request, self.settings.outputs)
+        task = InferenceTask(request.inputs, request.parameters, bind_request_id(request.id))
+        if self.max_rows is not None:  # batch_size counts rows: a request weighs its rows
+            task.set_weight(len(next(iter(request.inputs.values()))))
+        timeout = self.settings.timeout
+        if request.parameters:
+            timeout = self._apply_parameters(task, request.parameters)
+        if deadline is not None:
+            timeout = min(timeout, deadline)
+        try:
+            # the flow holds the leases too, until no worker can touch them: freeing ours after this never
+            # hands a block to another request while a worker still runs this one (after a 504, say)
+            await self.backend.process(task, timeout_sec=timeout, leases=leases)
+        except FlowError as e:
+            self.failures.task_failed(e)
+            raise from_engine_error(e) from None
+        return declared_outputs(request, task.outputs, self.settings.outputs, bool(self.settings.batch_dim))
 
     def _apply_parameters(self, task: InferenceTask, parameters: dict[str, Any]) -> float:
         """Apply the OIP ``priority`` and ``timeout`` (microseconds, as Triton) parameters; return the deadline."""

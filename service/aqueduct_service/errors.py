@@ -26,6 +26,8 @@ class InferenceError(Exception):
         self.message = message
         self.headers = headers or {}
         self.extra: dict[str, Any] = {}
+        #: The gRPC status code's name where the HTTP status does not tell it (a full queue: RESOURCE_EXHAUSTED).
+        self.grpc_code: str | None = None
 
 
 # (engine error, HTTP status, retry later?) -- the first matching row wins.
@@ -47,4 +49,7 @@ def from_engine_error(exc: FlowError) -> InferenceError:
         error = InferenceError(status, f"{exc.exc_type}: {exc.exc_message}", headers)
         error.extra = {"exc_type": exc.exc_type, "exc_message": exc.exc_message, "step": exc.step}
         return error
-    return InferenceError(status, f"{type(exc).__name__}: {exc}", headers)
+    error = InferenceError(status, f"{type(exc).__name__}: {exc}", headers)
+    if isinstance(exc, QueueFullError):
+        error.grpc_code = "RESOURCE_EXHAUSTED"
+    return error

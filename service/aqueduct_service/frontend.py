@@ -22,7 +22,7 @@ from .backend import RemoteBackend
 from .health import ServingState
 from .logs import configure_logging
 from .server import ServingServer, uvicorn_config
-from .settings import Settings, load_settings, with_signature
+from .settings import Settings, load_settings, with_host, with_signature
 
 log = logging.getLogger("aqueduct_service")
 
@@ -39,9 +39,10 @@ def serve_frontend(settings: Settings, address: ClientAddress, sock: socket.sock
         if server is not None:
             server.should_exit = True
 
+    host, port = sock.getsockname()[:2]
+    settings = with_host(settings, host)  # gRPC binds the same address as HTTP
     remote = RemoteFlow(address, arena_bytes=settings.server.arena_bytes, on_disconnect=main_process_gone)
     app = create_app(RemoteBackend(remote), settings, state)
-    host, port = sock.getsockname()[:2]
     server = ServingServer(uvicorn_config(app, settings, host, port), state)
     gc.collect()
     gc.freeze()

@@ -47,11 +47,11 @@ DATATYPES: dict[str, np.dtype[Any]] = {
 BYTES = "BYTES"
 # numpy dtype kinds a JSON ``data`` list may be parsed as, per target kind (b: bool, iu: integer, f: float).
 _JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
-_INT_RANGES = {name: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for name, t in DATATYPES.items() if t.kind in "iu"}
-_MAX_DIMS = 32
+INT_RANGES = {name: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for name, t in DATATYPES.items() if t.kind in "iu"}
+MAX_DIMS = 32
 #: The most characters of a request's ``id`` (it is echoed in the answer and on every log line about it).
 MAX_ID_CHARS = 1024
-_MAX_DIM = 2**40
+MAX_DIM = 2**40
 
 
 @dataclass
@@ -139,13 +139,14 @@ def check_inputs(inputs: dict[str, np.ndarray], declared: Sequence[TensorSpec], 
         return
     known = {spec.name: spec for spec in declared}
     for name, array in inputs.items():
-        _check_declared(name, datatype_of(array), list(array.shape), known)
+        check_declared(name, datatype_of(array), list(array.shape), known)
     missing = [name for name in known if name not in inputs]
     if missing:
         raise _bad(f"missing input(s): {', '.join(missing)}")
 
 
-def _check_declared(name: str, datatype: str | None, shape: list[int], known: dict[str, TensorSpec]) -> None:
+def check_declared(name: str, datatype: str | None, shape: list[int], known: dict[str, TensorSpec]) -> None:
+    """Refuse (400) an input the model does not declare, or of another datatype or shape."""
     spec = known.get(name)
     if spec is None:
         raise _bad(f"input {name!r} is not an input of this model (expected: {', '.join(known)})")
@@ -200,7 +201,7 @@ def encode_response(model_name: str, request: InferRequest, outputs: dict[str, n
             raise InferenceError(500, f"the handler set output {name!r} with unsupported dtype {array.dtype}")
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
-            blob = _to_binary(array, datatype)
+            blob = to_binary(array, datatype)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -289,10 +290,10 @@ class _Tensors:
         shape = raw.get("shape")
         if (
             not isinstance(shape, list)
-            or len(shape) > _MAX_DIMS
-            or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
+            or len(shape) > MAX_DIMS
+            or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
         ):
-            raise _bad(f"{where}.shape: must be a list of at most {_MAX_DIMS} non-negative integers")
+            raise _bad(f"{where}.shape: must be a list of at most {MAX_DIMS} non-negative integers")
         # numpy refuses a shape whose other dimensions multiply past 2**63 even when a 0 makes it empty
         if 0 in shape and math.prod(d for d in shape if d) > self.max_bytes:
             raise _bad(
@@ -300,7 +301,7 @@ class _Tensors:
                 "(the body limit)"
             )
         if self.known:
-            _check_declared(name, datatype, shape, self.known)
+            check_declared(name, datatype, shape, self.known)
         if self.max_rows is not None and shape and shape[0] > self.max_rows:
             raise _bad(
                 f"a request of {shape[0]} rows is over this model's limit of {self.max_rows} (the first step's "
@@ -322,7 +323,7 @@ class _Tensors:
         chunk = self.binary[self.offset : self.offset + size]
         self.offset += size
         if datatype == BYTES:
-            return name, _bytes_from_binary(chunk, shape, count, where, self.max_bytes)
+            return name, bytes_from_binary(chunk, shape, count, where, self.max_bytes)
         dtype = DATATYPES[datatype]
         if count * dtype.itemsize != size:
             raise _bad(
@@ -353,7 +354,7 @@ class _Tensors:
             if parsed.dtype.kind not in _JSON_KINDS[dtype.kind]:
                 raise _bad(f"{where}.data: values are not all valid {datatype}")
             if dtype.kind in "iu":
-                low, high = _INT_RANGES[datatype]
+                low, high = INT_RANGES[datatype]
                 if parsed.min() < low or parsed.max() > high:
                     raise _bad(f"{where}.data: values out of range for {datatype}")
         return parsed.astype(dtype, copy=False).reshape(shape)
@@ -365,10 +366,10 @@ def _bytes_from_json(data: list[Any], shape: list[int], count: int, where: str, 
     if not all(isinstance(item, str) for item in data):
         raise _bad(f"{where}.data: BYTES data must be a list of strings")
     items = [item.encode() for item in data]
-    return _bytes_array(items, shape, where, max_bytes)
+    return bytes_array(items, shape, where, max_bytes)
 
 
-def _bytes_from_binary(
+def bytes_from_binary(
     chunk: bytes | memoryview, shape: list[int], count: int, where: str, max_bytes: int
 ) -> np.ndarray:
     """A BYTES tensor from its length-prefixed elements: straight into the padded array, no list of
@@ -411,7 +412,8 @@ def _check_padded(nbytes: int, where: str, max_bytes: int) -> None:
         raise InferenceError(413, f"{where}: BYTES tensor takes {nbytes} bytes padded, over {max_bytes}")
 
 
-def _bytes_array(items: list[bytes], shape: list[int], where: str, max_bytes: int) -> np.ndarray:
+def bytes_array(items: list[bytes], shape: list[int], where: str, max_bytes: int) -> np.ndarray:
+    """A BYTES tensor (numpy ``S``) of ``items``; 413 when padded to the longest it takes over ``max_bytes``."""
     width = max((len(item) for item in items), default=0) or 1
     _check_padded(width * len(items), where, max_bytes)
     return np.array(items, dtype=f"S{width}").reshape(shape)
@@ -427,7 +429,8 @@ def _to_json_data(array: np.ndarray, datatype: str) -> list[Any]:
     return [item.decode("utf-8", "replace") for item in flat.tolist()]
 
 
-def _to_binary(array: np.ndarray, datatype: str) -> bytes:
+def to_binary(array: np.ndarray, datatype: str) -> bytes:
+    """An output's raw bytes: little-endian row-major, BYTES elements each after its 4-byte length."""
     if datatype != BYTES:
         return np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
     items = [item.encode() if isinstance(item, str) else item for item in array.reshape(-1).tolist()]

@@ -1,4 +1,4 @@
-"""HTTP metrics, registered beside the engine's in the flow's Prometheus registry."""
+"""HTTP and gRPC metrics, registered beside the engine's in the flow's Prometheus registry."""
 
 from __future__ import annotations
 
@@ -81,3 +81,22 @@ class MetricsMiddleware:
             elapsed = time.perf_counter() - start
             self.metrics.observe(scope["method"], path, status, elapsed)
             self.access_log(scope["method"], scope["path"], status, elapsed)
+
+
+class GrpcMetrics:
+    """gRPC calls answered by method and status code, and their latency by method."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("aqueduct_grpc_requests", "gRPC calls answered.", ["method", "code"], registry=registry)
+        self.latency = Histogram(
+            "aqueduct_grpc_request_duration_seconds",
+            "Time from a gRPC call's arrival to its answer.",
+            ["method"],
+            registry=registry,
+            buckets=_LATENCY_BUCKETS,
+        )
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """Count one answered call; ``code``: its status code's name (``OK``, ``INVALID_ARGUMENT``...)."""
+        self.requests.labels(method, code).inc()
+        self.latency.labels(method).observe(seconds)

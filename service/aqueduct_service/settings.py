@@ -69,6 +69,8 @@ class ServerSettings:
 
     host: str = "0.0.0.0"
     port: int = 8080
+    #: The OIP v2 gRPC service's port, served by every HTTP process beside HTTP; 0: no gRPC.
+    grpc_port: int = 8081
     max_body_bytes: int = 64 * 1024 * 1024
     graceful_timeout: float = 30.0
     log_level: str = "info"
@@ -92,6 +94,11 @@ class ServerSettings:
     def front_ends(self) -> int:
         """How many HTTP front-end processes serve: ``workers``, or the default for this pod's CPUs."""
         return self.workers if self.workers is not None else default_workers()
+
+
+def with_host(settings: Settings, host: str) -> Settings:
+    """``settings`` with ``server.host`` set to ``host`` (the address the command line or the main process bound)."""
+    return replace(settings, server=replace(settings.server, host=host))
 
 
 def default_workers(cpus: float | None = None) -> int:

@@ -47,11 +47,14 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class Server:
-    """A serving pod subprocess in its own session; ``url`` is its base URL."""
+    """A serving pod subprocess in its own session; ``url`` is its base URL, ``grpc_target`` its gRPC address."""
 
     def __init__(self, config: Path, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        env = {"AQUEDUCT_SERVER__GRPC_PORT": str(free_port()), **(env or {})}
+        #: the OIP gRPC service's address (``server.grpc_port``: a free port unless ``env`` sets one)
+        self.grpc_target = f"127.0.0.1:{env['AQUEDUCT_SERVER__GRPC_PORT']}"
         self.log = workdir / f"server-{self.port}.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
