@@ -21,12 +21,11 @@ import yaml
 
 from aqueduct_operator import API_VERSION, KIND, storage
 from aqueduct_operator.policy import Policy, quantity
-from aqueduct_operator.spec import Autoscaling, PipelineSpec, Step, Tensor, parse
+from aqueduct_operator.spec import HTTP_PORT, Autoscaling, PipelineSpec, Step, Tensor, parse
 
 CONFIG_DIR = "/etc/aqueduct"
 CONFIG_FILE = "config.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
-HTTP_PORT = 8080
 CONTAINER = "serve"
 RUN_AS = 10001
 # Seconds the pod gets beyond the preStop pause and the server's graceful timeout: worker joins, exit.
@@ -139,6 +138,7 @@ def serving_config(spec: PipelineSpec) -> dict[str, Any]:
     server: dict[str, Any] = {
         "host": "0.0.0.0",
         "port": HTTP_PORT,
+        "grpc_port": spec.grpc_port,
         "graceful_timeout": _number(spec.graceful_timeout),
         "log_level": spec.log_level,
     }
@@ -185,9 +185,13 @@ def configmap(spec: PipelineSpec) -> dict[str, Any]:
     }
 
 
-def _probe(path: str, *, period: int, failures: int, timeout: int = 2) -> dict[str, Any]:
+def _probe(path: str, *, period: int, failures: int, timeout: int = 2, grpc_port: int = 0) -> dict[str, Any]:
+    """An HTTP GET of ``path``; with ``grpc_port``, Kubernetes' gRPC probe (``grpc.health.v1``) instead."""
+    action: dict[str, Any] = (
+        {"grpc": {"port": grpc_port}} if grpc_port else {"httpGet": {"path": path, "port": "http", "scheme": "HTTP"}}
+    )
     return {
-        "httpGet": {"path": path, "port": "http", "scheme": "HTTP"},
+        **action,
         "periodSeconds": period,
         "timeoutSeconds": timeout,
         "failureThreshold": failures,
@@ -262,11 +266,14 @@ def deployment(spec: PipelineSpec, checksum: str) -> dict[str, Any]:
         "args": ["aqueduct-serve", "--config", CONFIG_PATH],
         # A config or model the pod cannot serve exits 2 with one line on stderr: the operator reports it.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}]
+        + ([{"name": "grpc", "containerPort": spec.grpc_port, "protocol": "TCP"}] if spec.grpc_port else []),
         "startupProbe": _probe(
             "/v2/health/ready", period=STARTUP_PERIOD, failures=math.ceil(start_timeout / STARTUP_PERIOD) + 5
         ),
-        "readinessProbe": _probe("/v2/health/ready", period=5, failures=3),
+        "readinessProbe": _probe(
+            "/v2/health/ready", period=5, failures=3, grpc_port=spec.grpc_port if spec.grpc_readiness_probe else 0
+        ),
         "livenessProbe": _probe("/v2/health/live", period=10, failures=3, timeout=5),
         # Rolling updates drop nothing: a terminating pod is taken out of the Service's endpoints at once,
         # but proxies and load balancers learn that late; the pause keeps it serving until they have, and
@@ -374,9 +381,15 @@ def service(spec: PipelineSpec) -> dict[str, Any]:
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(spec),
-            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}]
+            + ([_grpc_service_port(spec.grpc_port)] if spec.grpc_port else []),
         },
     }
+
+
+def _grpc_service_port(port: int) -> dict[str, Any]:
+    # appProtocol: meshes and Gateway implementations speak HTTP/2 in clear text (h2c) to it
+    return {"name": "grpc", "port": port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"}
 
 
 def _seconds(value: float) -> str:
@@ -546,17 +559,19 @@ def _namespaces(names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def network_policy(spec: PipelineSpec) -> dict[str, Any]:
-    """``spec.networkPolicy``: the pods admit the HTTP port from their own namespace's pods, from
-    ``ingressNamespaces`` (inference) and from ``metricsNamespaces`` (Prometheus scraping ``/metrics``).
+    """``spec.networkPolicy``: the pods admit the HTTP and gRPC ports from their own namespace's pods and
+    from ``ingressNamespaces`` (inference), the HTTP port from ``metricsNamespaces`` (Prometheus scraping
+    ``/metrics``).
 
     ``/metrics`` is served on the inference port, and a NetworkPolicy admits ports, not paths: a metrics
     namespace can reach the inference API too. Egress is left open (model downloads, a handler's calls).
     """
     access = spec.network_policy
     port = [{"protocol": "TCP", "port": HTTP_PORT}]
-    rules: list[dict[str, Any]] = [{"from": [{"podSelector": {}}], "ports": port}]
+    inference = port + ([{"protocol": "TCP", "port": spec.grpc_port}] if spec.grpc_port else [])
+    rules: list[dict[str, Any]] = [{"from": [{"podSelector": {}}], "ports": inference}]
     if access.ingress_namespaces:
-        rules.append({"from": [_namespaces(access.ingress_namespaces)], "ports": port})
+        rules.append({"from": [_namespaces(access.ingress_namespaces)], "ports": inference})
     if access.metrics_namespaces:
         rules.append({"from": [_namespaces(access.metrics_namespaces)], "ports": port})
     return {

@@ -40,6 +40,9 @@ GPU_RESOURCE = "nvidia.com/gpu"
 DATATYPES = frozenset(
     ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
 )
+#: The pod's HTTP port, and its gRPC port unless ``spec.server.grpcPort`` says another.
+HTTP_PORT = 8080
+DEFAULT_GRPC_PORT = 8081
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 TOLERATION_OPERATORS = ("Exists", "Equal")
@@ -191,6 +194,10 @@ class PipelineSpec:
     volumes: tuple[Mapping[str, Any], ...] = ()
     volume_mounts: tuple[Mapping[str, Any], ...] = ()
     drain_delay: float = 5.0
+    #: The pod's OIP gRPC port (``spec.server.grpcPort``); 0: no gRPC.
+    grpc_port: int = DEFAULT_GRPC_PORT
+    #: Readiness asked over gRPC (``grpc.health.v1``) instead of HTTP (``spec.server.grpcReadinessProbe``).
+    grpc_readiness_probe: bool = False
     autoscaling: Autoscaling | None = None
     min_available: int | str | None = None
     topology_spread: tuple[Mapping[str, Any], ...] = ()
@@ -612,12 +619,23 @@ def parse(
     server = _mapping(spec.get("server") or {}, "spec.server")
     _unknown(
         server,
-        frozenset({"logLevel", "maxBodyBytes", "gracefulTimeout", "workers", "arenaBytes", "drainDelay", "shmBytes"}),
+        frozenset(
+            {"logLevel", "maxBodyBytes", "gracefulTimeout", "workers", "arenaBytes", "drainDelay", "shmBytes"}
+            | {"grpcPort", "grpcReadinessProbe"}
+        ),
         "spec.server",
     )
     log_level = server.get("logLevel", "info")
     if log_level not in LOG_LEVELS:
         raise InvalidSpec("spec.server.logLevel", f"must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    grpc_port = _int(server.get("grpcPort", DEFAULT_GRPC_PORT), "spec.server.grpcPort", lo=0, hi=65535)
+    if grpc_port == HTTP_PORT:
+        raise InvalidSpec("spec.server.grpcPort", f"must differ from the HTTP port, {HTTP_PORT}")
+    grpc_readiness_probe = server.get("grpcReadinessProbe", False)
+    if not isinstance(grpc_readiness_probe, bool):
+        raise InvalidSpec("spec.server.grpcReadinessProbe", f"must be true or false, got {grpc_readiness_probe!r}")
+    if grpc_readiness_probe and not grpc_port:
+        raise InvalidSpec("spec.server.grpcReadinessProbe", "needs gRPC served: spec.server.grpcPort is 0")
     pull_policy = spec.get("imagePullPolicy")
     if pull_policy is not None and pull_policy not in PULL_POLICIES:
         raise InvalidSpec("spec.imagePullPolicy", f"must be one of {', '.join(PULL_POLICIES)}, got {pull_policy!r}")
@@ -712,6 +730,8 @@ def parse(
         volumes=volumes,
         volume_mounts=volume_mounts,
         drain_delay=_number(server.get("drainDelay", 5), "spec.server.drainDelay", lo=0, hi=300),
+        grpc_port=grpc_port,
+        grpc_readiness_probe=grpc_readiness_probe,
         autoscaling=None
         if spec.get("autoscaling") is None
         else _autoscaling(spec["autoscaling"], "spec.autoscaling", spec, steps),

@@ -84,6 +84,20 @@ def test_runtime_pipelines_pass_the_schema() -> None:
     assert parse(body, default_image="aqueduct:dev").steps[1].model == "/mnt/models/iris.skops"
 
 
+def test_grpc_server_fields_pass_the_schema_and_have_cel_rules() -> None:
+    body = crd.load_yaml(crd.EXAMPLES / "pipeline.yaml")
+    body["spec"]["server"] = {"grpcPort": 9000, "grpcReadinessProbe": True}
+    assert crd.errors(body) == []
+    spec = parse(body, default_image="aqueduct:dev")
+    assert (spec.grpc_port, spec.grpc_readiness_probe) == (9000, True)
+    server = crd.load_yaml(crd.CRD_PATH)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"
+    ]["server"]
+    assert server["properties"]["grpcPort"]["default"] == 8081
+    rules = " ".join(r["rule"] for r in server["x-kubernetes-validations"])
+    assert "self.grpcPort != 8080" in rules and "self.grpcReadinessProbe" in rules
+
+
 def test_step_cel_rules_say_handler_or_runtime() -> None:
     """Exactly one of handler / runtime, model only with runtime: CEL rules the API server evaluates (checked on a
     cluster by test_cluster.py; the operator's InvalidSpec by test_runtimes.py)."""
@@ -115,6 +129,7 @@ def test_step_cel_rules_say_handler_or_runtime() -> None:
     ({"steps": [{"name": "a", "runtime": "onnx", "model": 3}]}, "spec.steps.0.model"),
     ({"batchDim": "yes"}, "spec.batchDim"),
     ({"autoscaling": {"minReplicas": 1}}, "spec.autoscaling"),  # maxReplicas is still required
+    ({"server": {"grpcPort": 70000}}, "spec.server.grpcPort"),
 ])
 def test_schema_rejections(patch: dict, where: str) -> None:
     body = crd.load_yaml(crd.EXAMPLES / "pipeline.yaml")

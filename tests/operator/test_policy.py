@@ -259,15 +259,16 @@ def test_the_network_policy_admits_the_port_from_the_namespaces_chosen() -> None
     assert netpol["spec"]["podSelector"] == {"matchLabels": {"aqueduct.dev/pipeline": "catdetector"}}
     assert netpol["spec"]["policyTypes"] == ["Ingress"]
     port = [{"protocol": "TCP", "port": 8080}]
+    inference = [*port, {"protocol": "TCP", "port": 8081}]  # HTTP and gRPC
     namespaces = [
         {"namespaceSelector": {"matchExpressions": [
             {"key": "kubernetes.io/metadata.name", "operator": "In", "values": names}]}}
         for names in (["apps", "gateway"], ["monitoring"])
     ]
     assert netpol["spec"]["ingress"] == [
-        {"from": [{"podSelector": {}}], "ports": port},  # the Pipeline's own namespace
-        {"from": [namespaces[0]], "ports": port},
-        {"from": [namespaces[1]], "ports": port},
+        {"from": [{"podSelector": {}}], "ports": inference},  # the Pipeline's own namespace
+        {"from": [namespaces[0]], "ports": inference},
+        {"from": [namespaces[1]], "ports": port},  # metrics: HTTP only
     ]
 
 

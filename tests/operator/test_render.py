@@ -79,7 +79,10 @@ def test_deployment_pod_contract() -> None:
     (container,) = pod["containers"]
     assert container["name"] == "serve" and container["image"] == "aqueduct:dev"
     assert container["args"] == ["aqueduct-serve", "--config", "/etc/aqueduct/config.yaml"]
-    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "grpc", "containerPort": 8081, "protocol": "TCP"},
+    ]
     assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
@@ -101,7 +104,30 @@ def test_service_selects_the_pods() -> None:
     svc, dep = objs["Service"], objs["Deployment"]
     assert svc["metadata"]["name"] == "catdetector"
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    assert svc["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"},
+        {"name": "grpc", "port": 8081, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"},
+    ]
+
+
+def test_grpc_port_readiness_probe_and_off() -> None:
+    body = example()
+    body["spec"]["server"] = {"grpcPort": 9000, "grpcReadinessProbe": True}
+    objs = by_kind(desired_objects(body))
+    (container,) = objs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert {"name": "grpc", "containerPort": 9000, "protocol": "TCP"} in container["ports"]
+    assert container["readinessProbe"]["grpc"] == {"port": 9000} and "httpGet" not in container["readinessProbe"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert objs["Service"]["spec"]["ports"][1]["port"] == 9000
+    assert config_of(list(objs.values()))["server"]["grpc_port"] == 9000
+    for kind in ("Deployment", "Service"):
+        kubernetes_validate.validate(objs[kind], K8S_VERSION, strict=True)
+    body["spec"]["server"] = {"grpcPort": 0}
+    objs = by_kind(desired_objects(body))
+    (container,) = objs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert [p["name"] for p in container["ports"]] == ["http"]
+    assert [p["name"] for p in objs["Service"]["spec"]["ports"]] == ["http"]
+    assert config_of(list(objs.values()))["server"]["grpc_port"] == 0
 
 
 def test_checksum_annotation_follows_the_config() -> None:
