@@ -141,8 +141,8 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
             yield
         finally:
             state.draining = True
-            if grpc_server is not None:  # calls in flight finish (new ones get UNAVAILABLE: draining)
-                await grpc_server.stop(settings.server.graceful_timeout)
+            if grpc_server is not None:  # calls in flight finish within what HTTP's drain left of graceful_timeout
+                await grpc_server.stop(state.drain_left(settings.server.graceful_timeout))
             await backend.stop()
 
     routes = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 from aqueduct import FlowHealth
@@ -12,8 +13,26 @@ class ServingState:
     """What the pod knows beyond the flow: whether it drains (SIGTERM seen) and why the flow failed to start."""
 
     def __init__(self) -> None:
-        self.draining = False
+        self._draining_since: float | None = None
         self.start_error: BaseException | None = None
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM seen (or the main process gone): not ready, new requests refused."""
+        return self._draining_since is not None
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        if not value:
+            self._draining_since = None
+        elif self._draining_since is None:
+            self._draining_since = time.monotonic()
+
+    def drain_left(self, graceful_timeout: float) -> float:
+        """Seconds left of ``graceful_timeout`` since draining began (all of it when not draining)."""
+        if self._draining_since is None:
+            return graceful_timeout
+        return max(0.0, graceful_timeout - (time.monotonic() - self._draining_since))
 
     def readiness(self, health: FlowHealth) -> tuple[bool, dict[str, Any]]:
         """(ready, detail) given the flow's health: ready when not draining, the flow started and every
