@@ -30,7 +30,7 @@ from .errors import RETRY_AFTER_SECONDS, InferenceError, from_engine_error
 from .grpc_api.service import InferenceService, start_grpc
 from .health import ServingState
 from .inference import InferRequest, check_inputs, check_requested_outputs, decode_request, encode_response
-from .limits import BudgetHold, DecodeBudget
+from .limits import LEASE_MIN_BYTES, BudgetHold, DecodeBudget
 from .logs import REQUEST_ID, AccessLog, FailureLog, bind_request_id, header_request_id
 from .metrics import GrpcMetrics, HttpMetrics, MetricsMiddleware
 from .model_config import triton_model_config
@@ -42,8 +42,6 @@ log = logging.getLogger("aqueduct_service")
 
 _JSON = b"application/json"
 INFER_ROUTE = "/v2/models/{name}/infer"
-#: Bodies at least this large are read into shared memory, where the front end has an arena.
-LEASE_MIN_BYTES = 64 * 1024
 #: Bodies at least this large are decoded in a thread, so the event loop keeps answering (probes too).
 THREAD_DECODE_BYTES = 1024 * 1024
 

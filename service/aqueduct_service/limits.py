@@ -13,6 +13,9 @@ from typing import Any
 
 from .errors import RETRY_AFTER_SECONDS, InferenceError
 
+#: Request bodies (gRPC: raw contents) at least this large are read into shared memory, where the front end
+#: has an arena: their tensors reach the workers without another copy.
+LEASE_MIN_BYTES = 64 * 1024
 MAX_FREE_FORM_DEPTH = 32
 MAX_FREE_FORM_BYTES = 64 * 1024
 _NUMBERS = (bool, int, float, type(None))

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from .conftest import FRONT_ENDS, Server, echo_config, serving
 
@@ -76,3 +78,20 @@ def test_a_timed_out_request_does_not_write_into_the_next_ones_tensor(in_place_s
             assert outputs["sum_seen"]["data"] == [2.0 * ELEMENTS], "B's tensor was changed by A's handler"
     finally:
         conn.close()
+
+
+def test_over_grpc_a_timed_out_request_does_not_write_into_the_next_ones_tensor(in_place_server: Server) -> None:
+    """The same over gRPC: raw contents of 64 KiB or more are copied into the same shared memory."""
+
+    def infer(x: np.ndarray, **options: Any) -> grpcclient.InferResult:
+        tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        return client.infer("echo", [tensor], **options)
+
+    with grpcclient.InferenceServerClient(in_place_server.grpc_target) as client:
+        for _ in range(3):
+            with pytest.raises(InferenceServerException) as caught:
+                infer(np.ones(ELEMENTS, np.float32), parameters={"sleep": 0.6}, timeout=100_000)
+            assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+            sum_seen = infer(np.full(ELEMENTS, 2.0, np.float32)).as_numpy("sum_seen")
+            assert sum_seen.tolist() == [2.0 * ELEMENTS], "B's tensor was changed by A's handler"

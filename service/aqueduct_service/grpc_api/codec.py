@@ -50,9 +50,15 @@ CONTENTS_FIELD = {
 
 
 def decode_infer_request(
-    message: pb.ModelInferRequest, max_bytes: int, declared: Sequence[TensorSpec] = (), max_rows: int | None = None
+    message: pb.ModelInferRequest,
+    max_bytes: int,
+    declared: Sequence[TensorSpec] = (),
+    max_rows: int | None = None,
+    raw: Sequence[bytes | memoryview] | None = None,
 ) -> InferRequest:
     """The decoded request of a ``ModelInferRequest`` (then checked as an HTTP one: ``check_inputs``).
+
+    ``raw``: the request's raw contents where they were copied (into shared memory), else the message's.
 
     Raises:
         InferenceError: 400 naming what is wrong with the request (413 for a BYTES tensor too large padded).
@@ -61,7 +67,7 @@ def decode_infer_request(
         raise _bad(f"id: must be a string of at most {MAX_ID_CHARS} characters")
     if not message.inputs:
         raise _bad("inputs: must be a non-empty list of tensors")
-    raw = message.raw_input_contents
+    raw = message.raw_input_contents if raw is None else raw
     if raw and len(raw) != len(message.inputs):
         raise _bad(f"raw_input_contents holds {len(raw)} tensors for {len(message.inputs)} inputs")
     known = {spec.name: spec for spec in declared}
@@ -142,7 +148,7 @@ def _shape(
     return shape
 
 
-def _from_raw(data: bytes, datatype: str, shape: list[int], where: str, max_bytes: int) -> np.ndarray:
+def _from_raw(data: bytes | memoryview, datatype: str, shape: list[int], where: str, max_bytes: int) -> np.ndarray:
     count = math.prod(shape)
     if datatype == BYTES:
         return bytes_from_binary(data, shape, count, where, max_bytes)

@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2
 
+from aqueduct.remote import Lease
+
 from ..errors import InferenceError
+from ..limits import LEASE_MIN_BYTES
 from ..logs import REQUEST_ID, bind_request_id
 from ..metrics import GrpcMetrics, HttpMetrics
 from ..settings import Settings
@@ -164,13 +167,22 @@ class InferenceService:
         REQUEST_ID.set(_metadata_request_id(context))
         self.in_flight.inc()
         endpoint = self.endpoint
+        lease: Lease | None = None
         try:
             endpoint.admit(message.model_name)
             self._model(message.model_name, message.model_version)
-            request = decode_infer_request(message, endpoint.max_body, self.settings.inputs, endpoint.max_rows)
-            outputs = await endpoint.run(request, deadline=context.time_remaining())
-            return encode_infer_response(self.settings.name, request, outputs, raw=bool(message.raw_input_contents))
+            raw = message.raw_input_contents
+            size = sum(map(len, raw))
+            lease = endpoint.backend.lease(size) if size >= LEASE_MIN_BYTES else None
+            request = decode_infer_request(
+                message, endpoint.max_body, self.settings.inputs, endpoint.max_rows, _copy_into(lease, raw)
+            )
+            # the flow holds the lease too, until no worker can touch it (as for HTTP bodies)
+            outputs = await endpoint.run(request, (lease,) if lease else (), deadline=context.time_remaining())
+            return encode_infer_response(self.settings.name, request, outputs, raw=bool(raw))
         finally:
+            if lease is not None:
+                lease.free()
             self.in_flight.dec()
             context.set_trailing_metadata((("x-request-id", REQUEST_ID.get() or bind_request_id(None)),))
 
@@ -197,6 +209,21 @@ async def start_grpc(service: InferenceService, host: str, port: int, max_messag
     await server.start()
     log.info("serving gRPC on %s", address)
     return server
+
+
+def _copy_into(lease: Lease | None, raw: Sequence[bytes]) -> list[memoryview] | None:
+    """``raw`` copied into ``lease`` (shared memory: the tensors reach the workers without another copy),
+    one view each; None without a lease."""
+    if lease is None:
+        return None
+    views = []
+    offset = 0
+    for data in raw:
+        end = offset + len(data)
+        lease.buffer[offset:end] = data
+        views.append(lease.buffer[offset:end])
+        offset = end
+    return views
 
 
 def _serialize(message: Any) -> bytes:
