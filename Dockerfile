@@ -112,5 +112,5 @@ COPY --from=project /opt/project /opt/venv
 WORKDIR /app
 COPY examples/ examples/
 USER 10001
-EXPOSE 8080
+EXPOSE 8080 8081
 CMD ["aqueduct-serve", "--config", "examples/catdetector/pipeline.yaml"]
