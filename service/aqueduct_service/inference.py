@@ -17,7 +17,7 @@ UTF-8 strings (undecodable bytes are replaced); use the binary extension for raw
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,12 +193,7 @@ def encode_response(model_name: str, request: InferRequest, outputs: dict[str, n
     tensors: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, binary in wanted:
-        if name not in outputs:
-            raise _bad(f"output {name!r} was requested but the model did not produce it")
-        array = np.asarray(outputs[name])
-        datatype = datatype_of(array)
-        if datatype is None:
-            raise InferenceError(500, f"the handler set output {name!r} with unsupported dtype {array.dtype}")
+        array, datatype = response_output(outputs, name)
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
             blob = to_binary(array, datatype)
@@ -214,6 +209,21 @@ def encode_response(model_name: str, request: InferRequest, outputs: dict[str, n
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+def response_output(outputs: Mapping[str, np.ndarray], name: str) -> tuple[np.ndarray, str]:
+    """Output ``name`` as an array and its OIP datatype, for a response (HTTP or gRPC).
+
+    Raises:
+        InferenceError: 400 when it was requested but not produced, 500 when its dtype has no datatype.
+    """
+    if name not in outputs:
+        raise _bad(f"output {name!r} was requested but the model did not produce it")
+    array = np.asarray(outputs[name])
+    datatype = datatype_of(array)
+    if datatype is None:
+        raise InferenceError(500, f"the handler set output {name!r} with unsupported dtype {array.dtype}")
+    return array, datatype
 
 
 def datatype_of(array: np.ndarray) -> str | None:

@@ -26,7 +26,7 @@ from ..inference import (
     bytes_array,
     bytes_from_binary,
     check_declared,
-    datatype_of,
+    response_output,
     to_binary,
 )
 from ..settings import TensorSpec
@@ -100,12 +100,7 @@ def encode_infer_response(
     names = [name for name, _ in request.outputs] if request.outputs is not None else list(outputs)
     arrays: list[tuple[str, np.ndarray, str]] = []
     for name in names:
-        if name not in outputs:
-            raise _bad(f"output {name!r} was requested but the model did not produce it")
-        array = np.asarray(outputs[name])
-        datatype = datatype_of(array)
-        if datatype is None:
-            raise InferenceError(500, f"the handler set output {name!r} with unsupported dtype {array.dtype}")
+        array, datatype = response_output(outputs, name)
         arrays.append((name, array, datatype))
     raw = raw or any(datatype not in CONTENTS_FIELD for _, _, datatype in arrays)
     response = pb.ModelInferResponse(model_name=model_name, model_version="1", id=request.id or "")
