@@ -27,6 +27,7 @@ from aqueduct.remote import Lease
 
 from .backend import FlowBackend, LocalBackend
 from .errors import RETRY_AFTER_SECONDS, InferenceError, from_engine_error
+from .grpc_api.http2 import Limits as GrpcLimits
 from .grpc_api.service import InferenceService, start_grpc
 from .health import ServingState
 from .inference import InferRequest, check_inputs, check_requested_outputs, decode_request, encode_response
@@ -134,7 +135,13 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
                     ),
                     settings.server.host,
                     settings.server.grpc_port,
-                    settings.server.max_body_bytes,
+                    GrpcLimits(
+                        max_message_bytes=settings.server.max_body_bytes,
+                        max_header_bytes=settings.server.max_header_bytes,
+                        header_timeout=settings.server.header_timeout,
+                        body_timeout=settings.server.body_timeout,
+                        max_connections=settings.server.max_connections,
+                    ),
                 )
             yield
         finally:

@@ -188,6 +188,19 @@ def test_grpc_health_probe(echo_server: Server) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             health.Check(health_pb2.HealthCheckRequest(service="other"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        watched = health.Watch(health_pb2.HealthCheckRequest(service="other"), timeout=30)
+        assert [answer.status for answer in watched] == [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN]
+
+
+def test_grpc_health_watch_follows_readiness_until_the_pod_stops(start_server: Any) -> None:
+    server: Server = start_server(echo_config(server={"log_level": "warning", "graceful_timeout": 30}))
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        statuses = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        assert next(statuses).status == health_pb2.HealthCheckResponse.SERVING
+        os.kill(server.proc.pid, signal.SIGTERM)
+        # the watch ends (NOT_SERVING first) instead of holding the pod's shutdown for the grace period
+        assert [answer.status for answer in statuses] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    assert server.proc.wait(60) == 0
 
 
 def test_metrics_count_grpc_calls_by_method_and_code(

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ..errors import InferenceError
 from ..inference import (
@@ -31,6 +32,9 @@ from ..inference import (
 )
 from ..settings import TensorSpec
 from . import oip_pb2 as pb
+
+#: ``ModelInferRequest.raw_input_contents``' field number.
+RAW_INPUT_CONTENTS = 7
 
 #: OIP datatype -> the ``InferTensorContents`` field its typed contents go in (FP16: raw contents only).
 CONTENTS_FIELD = {
@@ -92,6 +96,48 @@ def decode_infer_request(
     )
 
 
+def split_raw_contents(data: memoryview) -> tuple[pb.ModelInferRequest, list[memoryview]]:
+    """A serialized ``ModelInferRequest`` parsed without copying its ``raw_input_contents``: the message
+    without them, and them as views of ``data`` (protobuf would copy each into a bytes object).
+
+    Raises:
+        InferenceError: 400 where ``data`` is not a well-formed message.
+    """
+    raw: list[memoryview] = []
+    rest: list[memoryview] = []
+    run = pos = 0  # the start of the current run of other fields; the field being read
+    end = len(data)
+    while pos < end:
+        start = pos
+        key, pos = _varint(data, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > end:
+                break
+            if key >> 3 == RAW_INPUT_CONTENTS:
+                rest.append(data[run:start])
+                raw.append(data[pos : pos + length])
+                run = pos + length
+            pos += length
+        else:
+            raise _bad(f"the request is not a ModelInferRequest: wire type {wire} at byte {start}")
+    if pos != end:
+        raise _bad("the request is not a ModelInferRequest: it ends inside a field")
+    rest.append(data[run:end])
+    try:
+        message = pb.ModelInferRequest.FromString(b"".join(rest))
+    except DecodeError as e:
+        raise _bad(f"the request is not a ModelInferRequest: {e}") from None
+    return message, raw
+
+
 def encode_infer_response(
     model_name: str, request: InferRequest, outputs: Mapping[str, np.ndarray], raw: bool
 ) -> pb.ModelInferResponse:
@@ -113,6 +159,19 @@ def encode_infer_response(
         else:
             getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(array.reshape(-1).tolist())
     return response
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` of ``data`` and the position after it."""
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise _bad("the request is not a ModelInferRequest: a varint runs past its end")
 
 
 def _bad(message: str) -> InferenceError:

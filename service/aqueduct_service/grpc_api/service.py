@@ -1,10 +1,10 @@
-"""``inference.GRPCInferenceService`` and ``grpc.health.v1.Health`` on grpcio's asyncio server, in the
+"""``inference.GRPCInferenceService`` and ``grpc.health.v1.Health`` served by ``http2.GrpcServer`` in the
 event loop of the HTTP process that starts it, over the same flow as HTTP.
 
 A ``ModelInfer`` call becomes the decoded request an HTTP one does (``codec``) and goes through the
 same checks, task and flow (``InferenceEndpoint.run``); the client's deadline bounds the task's. An
 HTTP status becomes a gRPC code (``grpc_code``). Every front-end process binds ``server.grpc_port``
-(grpcio sets ``SO_REUSEPORT``), so the kernel spreads connections over them as it does HTTP's.
+(``SO_REUSEPORT``), so the kernel spreads connections over them as it does HTTP's.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import grpc
-from grpc import aio
-from grpc_health.v1 import health_pb2
+from google.protobuf.message import DecodeError
 
 from aqueduct.remote import Lease
 
@@ -27,7 +25,8 @@ from ..logs import REQUEST_ID, bind_request_id
 from ..metrics import GrpcMetrics, HttpMetrics
 from ..settings import Settings
 from . import oip_pb2 as pb
-from .codec import decode_infer_request, encode_infer_response
+from .codec import decode_infer_request, encode_infer_response, split_raw_contents
+from .http2 import Call, GrpcError, GrpcServer, Limits, Method
 
 if TYPE_CHECKING:  # app imports this module
     from ..app import InferenceEndpoint
@@ -37,25 +36,27 @@ log = logging.getLogger("aqueduct_service")
 SERVICE = "inference.GRPCInferenceService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+#: Seconds between two looks at readiness for a ``Health/Watch`` call.
+WATCH_INTERVAL_S = 1.0
 
 
-def grpc_code(error: InferenceError) -> grpc.StatusCode:
-    """The gRPC status code of an answer the HTTP path gives ``error.status``."""
+def grpc_code(error: InferenceError) -> str:
+    """The name of the gRPC status code of an answer the HTTP path gives ``error.status``."""
     if error.grpc_code is not None:
-        return getattr(grpc.StatusCode, error.grpc_code)
+        return error.grpc_code
     if error.status == 404:
-        return grpc.StatusCode.NOT_FOUND
+        return "NOT_FOUND"
     if 400 <= error.status < 500:
-        return grpc.StatusCode.INVALID_ARGUMENT
+        return "INVALID_ARGUMENT"
     if error.status == 503:
-        return grpc.StatusCode.UNAVAILABLE
+        return "UNAVAILABLE"
     if error.status == 504:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.INTERNAL
+        return "DEADLINE_EXCEEDED"
+    return "INTERNAL"
 
 
 class InferenceService:
-    """The handlers of ``inference.GRPCInferenceService`` (and ``grpc.health.v1.Health``'s ``Check``)."""
+    """The handlers of ``inference.GRPCInferenceService`` and ``grpc.health.v1.Health``."""
 
     def __init__(
         self,
@@ -86,105 +87,123 @@ class InferenceService:
             ],
         )
 
-    def handlers(self) -> tuple[grpc.GenericRpcHandler, grpc.GenericRpcHandler]:
-        """The generic handlers of both services, for ``aio.Server.add_generic_rpc_handlers``."""
-        methods: dict[str, tuple[Callable[[Any, Any], Awaitable[Any]], Any]] = {
-            "ServerLive": (self.server_live, pb.ServerLiveRequest),
-            "ServerReady": (self.server_ready, pb.ServerReadyRequest),
-            "ModelReady": (self.model_ready, pb.ModelReadyRequest),
-            "ServerMetadata": (self.server_info, pb.ServerMetadataRequest),
-            "ModelMetadata": (self.model_info, pb.ModelMetadataRequest),
-            "ModelInfer": (self.model_infer, pb.ModelInferRequest),
+    def methods(self) -> dict[str, Method]:
+        """The methods of both services, by path."""
+        unary: dict[str, tuple[Callable[[Any, Call], Awaitable[Any]], Callable[[memoryview], Any]]] = {
+            "ServerLive": (self.server_live, _parser(pb.ServerLiveRequest)),
+            "ServerReady": (self.server_ready, _parser(pb.ServerReadyRequest)),
+            "ModelReady": (self.model_ready, _parser(pb.ModelReadyRequest)),
+            "ServerMetadata": (self.server_info, _parser(pb.ServerMetadataRequest)),
+            "ModelMetadata": (self.model_info, _parser(pb.ModelMetadataRequest)),
+            "ModelInfer": (self.model_infer, split_raw_contents),
         }
-        inference = grpc.method_handlers_generic_handler(
-            SERVICE, {name: self._unary(name, call, request) for name, (call, request) in methods.items()}
-        )
-        health = grpc.method_handlers_generic_handler(
-            HEALTH_SERVICE, {"Check": self._unary("Health.Check", self.health_check, health_pb2.HealthCheckRequest)}
-        )
-        return inference, health
+        methods = {f"/{SERVICE}/{name}": self._unary(name, call, parse) for name, (call, parse) in unary.items()}
+        check = self._unary("Health.Check", self.health_check, _parser(pb.HealthCheckRequest))
+        methods[f"/{HEALTH_SERVICE}/Check"] = check
+        methods[f"/{HEALTH_SERVICE}/Watch"] = Method(self.health_watch, "stream")
+        return methods
 
-    def _unary(self, name: str, call: Callable[[Any, Any], Awaitable[Any]], request: Any) -> grpc.RpcMethodHandler:
+    def _unary(
+        self, name: str, handler: Callable[[Any, Call], Awaitable[Any]], parse: Callable[[memoryview], Any]
+    ) -> Method:
         metrics = self.metrics
 
-        async def observed(message: Any, context: aio.ServicerContext) -> Any:
+        async def observed(data: memoryview, call: Call) -> bytes:
             start = time.perf_counter()
             code = "OK"
             try:
-                return await call(message, context)
+                message = parse(data)
+                answer: bytes = (await handler(message, call)).SerializeToString()
+                return answer
+            except GrpcError as e:
+                code = e.code
+                raise
             except InferenceError as e:
-                code = grpc_code(e).name
-                await context.abort(grpc_code(e), e.message)
-            except asyncio.CancelledError:  # the client left, or its deadline passed
+                code = grpc_code(e)
+                raise GrpcError(code, e.message) from None
+            except asyncio.CancelledError:  # the client left, or reset the stream
                 code = "CANCELLED"
                 raise
             except Exception as e:
                 log.exception("gRPC call %s failed", name)
                 code = "INTERNAL"
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+                raise GrpcError(code, f"internal error: {type(e).__name__}: {e}") from None
             finally:
                 metrics.observe(name, code, time.perf_counter() - start)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed, request_deserializer=request.FromString, response_serializer=_serialize
-        )
+        return Method(observed)
 
-    async def server_live(self, message: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def server_live(self, message: pb.ServerLiveRequest, call: Call) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def server_ready(
-        self, message: pb.ServerReadyRequest, context: aio.ServicerContext
-    ) -> pb.ServerReadyResponse:
+    async def server_ready(self, message: pb.ServerReadyRequest, call: Call) -> pb.ServerReadyResponse:
         ready, _ = await self.readiness()
         return pb.ServerReadyResponse(ready=ready)
 
-    async def model_ready(self, message: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def model_ready(self, message: pb.ModelReadyRequest, call: Call) -> pb.ModelReadyResponse:
         self._model(message.name, message.version)
         ready, _ = await self.readiness()
         return pb.ModelReadyResponse(ready=ready)
 
-    async def server_info(
-        self, message: pb.ServerMetadataRequest, context: aio.ServicerContext
-    ) -> pb.ServerMetadataResponse:
+    async def server_info(self, message: pb.ServerMetadataRequest, call: Call) -> pb.ServerMetadataResponse:
         return self.server_metadata
 
-    async def model_info(
-        self, message: pb.ModelMetadataRequest, context: aio.ServicerContext
-    ) -> pb.ModelMetadataResponse:
+    async def model_info(self, message: pb.ModelMetadataRequest, call: Call) -> pb.ModelMetadataResponse:
         self._model(message.name, message.version)
         return self.model_metadata
 
-    async def health_check(
-        self, message: health_pb2.HealthCheckRequest, context: aio.ServicerContext
-    ) -> health_pb2.HealthCheckResponse:
+    async def health_check(self, message: pb.HealthCheckRequest, call: Call) -> pb.HealthCheckResponse:
         if message.service not in ("", SERVICE):
             raise InferenceError(404, f"unknown service {message.service!r} (this server has {SERVICE!r})")
         ready, _ = await self.readiness()
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        return health_pb2.HealthCheckResponse(status=status)
+        status = pb.HealthCheckResponse.SERVING if ready else pb.HealthCheckResponse.NOT_SERVING
+        return pb.HealthCheckResponse(status=status)
 
-    async def model_infer(self, message: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
-        REQUEST_ID.set(_metadata_request_id(context))
+    async def health_watch(self, data: memoryview, call: Call) -> AsyncIterator[bytes]:
+        """``Health/Watch``: the status now, then each change, until the client leaves or the pod stops."""
+        message = _parser(pb.HealthCheckRequest)(data)
+        if message.service not in ("", SERVICE):
+            status = pb.HealthCheckResponse.SERVICE_UNKNOWN
+            yield pb.HealthCheckResponse(status=status).SerializeToString()
+            return
+        last = None
+        while not self.endpoint.state.draining:
+            ready, _ = await self.readiness()
+            status = pb.HealthCheckResponse.SERVING if ready else pb.HealthCheckResponse.NOT_SERVING
+            if status != last:
+                yield pb.HealthCheckResponse(status=status).SerializeToString()
+                last = status
+            await asyncio.sleep(WATCH_INTERVAL_S)
+        yield pb.HealthCheckResponse(status=pb.HealthCheckResponse.NOT_SERVING).SerializeToString()
+
+    async def model_infer(
+        self, request: tuple[pb.ModelInferRequest, list[memoryview]], call: Call
+    ) -> pb.ModelInferResponse:
+        message, raw = request  # raw: the raw contents, views of the call's bytes (split_raw_contents)
+        REQUEST_ID.set(_metadata_request_id(call))
         self.in_flight.inc()
         endpoint = self.endpoint
         lease: Lease | None = None
         try:
             endpoint.admit(message.model_name)
             self._model(message.model_name, message.model_version)
-            raw = message.raw_input_contents
             size = sum(map(len, raw))
             lease = endpoint.backend.lease(size) if size >= LEASE_MIN_BYTES else None
-            request = decode_infer_request(
-                message, endpoint.max_body, self.settings.inputs, endpoint.max_rows, _copy_into(lease, raw)
+            decoded = decode_infer_request(
+                message,
+                endpoint.max_body,
+                self.settings.inputs,
+                endpoint.max_rows,
+                _copy_into(lease, raw) if lease is not None else raw,
             )
             # the flow holds the lease too, until no worker can touch it (as for HTTP bodies)
-            outputs = await endpoint.run(request, (lease,) if lease else (), deadline=context.time_remaining())
-            return encode_infer_response(self.settings.name, request, outputs, raw=bool(raw))
+            outputs = await endpoint.run(decoded, (lease,) if lease else (), deadline=call.time_remaining())
+            return encode_infer_response(self.settings.name, decoded, outputs, raw=bool(raw))
         finally:
             if lease is not None:
                 lease.free()
             self.in_flight.dec()
-            context.set_trailing_metadata((("x-request-id", REQUEST_ID.get() or bind_request_id(None)),))
+            call.trailers.append(("x-request-id", REQUEST_ID.get() or bind_request_id(None)))
 
     def _model(self, name: str, version: str) -> None:
         if name != self.settings.name:
@@ -193,29 +212,21 @@ class InferenceService:
             raise InferenceError(404, f"model {name!r} has no version {version!r} (only 1)")
 
 
-async def start_grpc(service: InferenceService, host: str, port: int, max_message_bytes: int) -> aio.Server:
+async def start_grpc(service: InferenceService, host: str, port: int, limits: Limits) -> GrpcServer:
     """Start serving ``service`` on ``host:port`` in the running event loop."""
-    server = aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 1),
-        ]
-    )
-    server.add_generic_rpc_handlers(service.handlers())
+    server = GrpcServer(service.methods(), limits)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if not server.add_insecure_port(address):
-        raise OSError(f"gRPC could not bind {address}")
-    await server.start()
+    try:
+        await server.start(host, port)
+    except OSError as e:
+        raise OSError(f"gRPC could not bind {address}: {e}") from None
     log.info("serving gRPC on %s", address)
     return server
 
 
-def _copy_into(lease: Lease | None, raw: Sequence[bytes]) -> list[memoryview] | None:
+def _copy_into(lease: Lease, raw: Sequence[memoryview]) -> list[memoryview]:
     """``raw`` copied into ``lease`` (shared memory: the tensors reach the workers without another copy),
-    one view each; None without a lease."""
-    if lease is None:
-        return None
+    one view each."""
     views = []
     offset = 0
     for data in raw:
@@ -226,13 +237,20 @@ def _copy_into(lease: Lease | None, raw: Sequence[bytes]) -> list[memoryview] | 
     return views
 
 
-def _serialize(message: Any) -> bytes:
-    data: bytes = message.SerializeToString()
-    return data
+def _parser(request: Any) -> Callable[[memoryview], Any]:
+    """Parse a serialized ``request`` (a message class); a malformed one is INVALID_ARGUMENT."""
+
+    def parse(data: memoryview) -> Any:
+        try:
+            return request.FromString(data)
+        except DecodeError as e:
+            raise GrpcError("INVALID_ARGUMENT", f"the request is not a {request.DESCRIPTOR.full_name}: {e}") from None
+
+    return parse
 
 
-def _metadata_request_id(context: aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable():
-            return value
+def _metadata_request_id(call: Call) -> str | None:
+    value = call.metadata.get("x-request-id")
+    if value is not None and 0 < len(value) <= 128 and value.isprintable():
+        return value
     return None
