@@ -31,7 +31,7 @@ from .grpc_api.http2 import Limits as GrpcLimits
 from .grpc_api.service import InferenceService, start_grpc
 from .health import ServingState
 from .inference import InferRequest, check_inputs, check_requested_outputs, decode_request, encode_response
-from .limits import LEASE_MIN_BYTES, BudgetHold, DecodeBudget
+from .limits import LEASE_MIN_BYTES, THREAD_DECODE_BYTES, BudgetHold, DecodeBudget
 from .logs import REQUEST_ID, AccessLog, FailureLog, bind_request_id, header_request_id
 from .metrics import GrpcMetrics, HttpMetrics, MetricsMiddleware
 from .model_config import triton_model_config
@@ -43,8 +43,6 @@ log = logging.getLogger("aqueduct_service")
 
 _JSON = b"application/json"
 INFER_ROUTE = "/v2/models/{name}/infer"
-#: Bodies at least this large are decoded in a thread, so the event loop keeps answering (probes too).
-THREAD_DECODE_BYTES = 1024 * 1024
 
 
 class _ClientGone(Exception):
@@ -141,6 +139,7 @@ def create_app(flow: Flow | FlowBackend, settings: Settings, state: ServingState
                         header_timeout=settings.server.header_timeout,
                         body_timeout=settings.server.body_timeout,
                         max_connections=settings.server.max_connections,
+                        max_buffered_bytes=endpoint.budget.limit,
                     ),
                 )
             yield

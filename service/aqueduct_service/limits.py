@@ -16,6 +16,9 @@ from .errors import RETRY_AFTER_SECONDS, InferenceError
 #: Request bodies (gRPC: raw contents) at least this large are read into shared memory, where the front end
 #: has an arena: their tensors reach the workers without another copy.
 LEASE_MIN_BYTES = 64 * 1024
+#: Bodies (gRPC: messages) at least this large are decoded in a thread, so the event loop keeps answering
+#: (probes too).
+THREAD_DECODE_BYTES = 1024 * 1024
 MAX_FREE_FORM_DEPTH = 32
 MAX_FREE_FORM_BYTES = 64 * 1024
 _NUMBERS = (bool, int, float, type(None))

@@ -18,9 +18,10 @@ connection (``CONTINUATION`` floods too); ``MAX_STREAMS`` streams at once per co
 refused); more than ``MAX_CONTROL_FRAMES_PER_S`` pings, settings, resets or empty frames a second close
 the connection (``ENHANCE_YOUR_CALM``: ping floods and rapid resets); the preface must arrive within
 ``header_timeout``, a request's message within ``body_timeout`` of its headers (else its stream is
-reset); a client that does not read its answers is not read from either; at ``max_connections`` a new
-connection closes the oldest idle one, or is refused when none is idle. Anything against the protocol
-closes the connection with ``GOAWAY``.
+reset); the requests still arriving on all connections may hold ``max_buffered_bytes`` (a request
+beyond it is answered ``UNAVAILABLE``); a client that does not read its answers is not read from
+either; at ``max_connections`` a new connection closes the oldest idle one, or is refused when none is
+idle. Anything against the protocol closes the connection with ``GOAWAY``.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ class Limits:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     max_connections: int = 1000
+    #: Bytes of requests not wholly arrived this process holds, of all connections; beyond, ``UNAVAILABLE``.
+    max_buffered_bytes: int = 128 * 1024 * 1024
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -171,6 +174,8 @@ class _Stream:
         "ended",
         "headers",
         "opened",
+        "held",
+        "over_budget",
         "oversized",
         "pending",
         "send_window",
@@ -186,6 +191,8 @@ class _Stream:
         self.unacked = 0  # bytes received and not yet acknowledged with a WINDOW_UPDATE
         self.ended = False  # the client has sent all it will
         self.oversized = False
+        self.over_budget = False  # its bytes came while the process held ``max_buffered_bytes`` of others
+        self.held = 0  # bytes of its request counted in ``GrpcServer.buffered``
         self.send_window = send_window
         #: What waits to be sent: (bytes, whether they are a whole frame (else a message's), whether the last).
         self.pending: list[tuple[bytes, bool, bool]] = []
@@ -200,6 +207,7 @@ class GrpcServer:
         self.methods = dict(methods)
         self.limits = limits
         self.connections: dict[H2Connection, None] = {}  # in the order they came
+        self.buffered = 0  # bytes of requests not wholly arrived, of all connections
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -294,6 +302,7 @@ class H2Connection(asyncio.Protocol):
             self._timer.cancel()
         self.server.connections.pop(self, None)
         for stream in self.streams.values():
+            self._release(stream)
             if stream.call_task is not None:
                 stream.call_task.cancel()
         self.streams.clear()
@@ -378,8 +387,10 @@ class H2Connection(asyncio.Protocol):
                 raise _ConnectionError(PROTOCOL_ERROR, "bad RST_STREAM")
             self._count_control()
             stream = self.streams.pop(sid, None)
-            if stream is not None and stream.call_task is not None:
-                stream.call_task.cancel()
+            if stream is not None:
+                self._release(stream)
+                if stream.call_task is not None:
+                    stream.call_task.cancel()
         elif kind == GOAWAY:
             self._going_away = True
             if not self.streams:
@@ -527,13 +538,22 @@ class H2Connection(asyncio.Protocol):
         if not size and not flags & END_STREAM:
             self._count_control()
         payload = _unpadded(flags, payload)
-        if not stream.oversized:
+        if not stream.oversized and not stream.over_budget:
+            server = self.server
             if len(stream.body) + len(payload) > self.limits.max_message_bytes + 5:
-                stream.oversized, stream.body = True, bytearray()
+                stream.oversized = True
+                self._release(stream)
+            elif server.buffered > stream.held and server.buffered + len(payload) > self.limits.max_buffered_bytes:
+                # (a request alone is always let in: max_message_bytes bounds it)
+                stream.over_budget = True
+                self._release(stream)
             elif flags & END_STREAM and not stream.body:
                 stream.body = payload  # the whole message in one frame: no copy
             else:
                 cast(bytearray, stream.body).extend(payload)  # a view only ever holds a whole message
+            if not stream.oversized and not stream.over_budget:
+                stream.held += len(payload)
+                server.buffered += len(payload)
         if flags & END_STREAM:
             stream.ended = True
             self._dispatch(stream, out)
@@ -547,6 +567,7 @@ class H2Connection(asyncio.Protocol):
 
     def _dispatch(self, stream: _Stream, out: list[bytes]) -> None:
         """Start the call of ``stream``, whose request has wholly arrived, or answer it at once."""
+        self._release(stream)  # its bytes are the call's now (or dropped)
         headers = dict(stream.headers)  # a repeated name: its last value
         path = headers.get(b":path", b"")
         if headers.get(b":method") != b"POST" or not headers.get(b"content-type", b"").startswith(b"application/grpc"):
@@ -564,6 +585,8 @@ class H2Connection(asyncio.Protocol):
             failure = GrpcError(
                 "RESOURCE_EXHAUSTED", f"the request is larger than max_body_bytes ({self.limits.max_message_bytes})"
             )
+        elif stream.over_budget:
+            failure = GrpcError("UNAVAILABLE", "the server is reading too many requests at once; retry")
         elif len(body) < 5 or int.from_bytes(body[1:5]) != len(body) - 5:
             failure = GrpcError("INTERNAL", "a unary call must send exactly one message")
         elif body[0]:
@@ -663,7 +686,15 @@ class H2Connection(asyncio.Protocol):
             if stream.pending:
                 self._flush(stream, out)
 
+    def _release(self, stream: _Stream) -> None:
+        """Stop counting ``stream``'s request in ``GrpcServer.buffered`` (and drop what it gathered)."""
+        self.server.buffered -= stream.held
+        stream.held = 0
+        if stream.oversized or stream.over_budget:
+            stream.body = bytearray()
+
     def _reset(self, stream: _Stream, code: int, out: list[bytes]) -> None:
+        self._release(stream)
         self.streams.pop(stream.sid, None)
         if stream.call_task is not None:
             stream.call_task.cancel()

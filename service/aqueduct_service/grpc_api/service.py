@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from aqueduct.remote import Lease
 
 from ..errors import InferenceError
-from ..limits import LEASE_MIN_BYTES
+from ..limits import LEASE_MIN_BYTES, THREAD_DECODE_BYTES
 from ..logs import REQUEST_ID, bind_request_id
 from ..metrics import GrpcMetrics, HttpMetrics
 from ..settings import Settings
@@ -112,7 +112,8 @@ class InferenceService:
             start = time.perf_counter()
             code = "OK"
             try:
-                message = parse(data)
+                # a large message (typed contents above all) is parsed in a thread: the loop keeps answering
+                message = await asyncio.to_thread(parse, data) if len(data) >= THREAD_DECODE_BYTES else parse(data)
                 answer: bytes = (await handler(message, call)).SerializeToString()
                 return answer
             except GrpcError as e:
@@ -189,13 +190,13 @@ class InferenceService:
             self._model(message.model_name, message.model_version)
             size = sum(map(len, raw))
             lease = endpoint.backend.lease(size) if size >= LEASE_MIN_BYTES else None
-            decoded = decode_infer_request(
-                message,
-                endpoint.max_body,
-                self.settings.inputs,
-                endpoint.max_rows,
-                _copy_into(lease, raw) if lease is not None else raw,
-            )
+            args = (message, endpoint.max_body, self.settings.inputs, endpoint.max_rows)
+            if raw:
+                decoded = decode_infer_request(*args, _copy_into(lease, raw) if lease is not None else raw)
+            elif message.ByteSize() >= THREAD_DECODE_BYTES:  # typed contents become arrays in a thread
+                decoded = await asyncio.to_thread(decode_infer_request, *args)
+            else:
+                decoded = decode_infer_request(*args)
             # the flow holds the lease too, until no worker can touch it (as for HTTP bodies)
             outputs = await endpoint.run(decoded, (lease,) if lease else (), deadline=call.time_remaining())
             return encode_infer_response(self.settings.name, decoded, outputs, raw=bool(raw))
