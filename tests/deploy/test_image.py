@@ -20,7 +20,9 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import yaml
 
 from bench.processes import free_port, terminate
@@ -102,7 +104,7 @@ def test_rebuild_is_cached(docker: Docker, aqueduct_image: str, base_image: str)
 
 
 def test_serving_container_answers(docker: Docker, aqueduct_image: str) -> None:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     with container(
         docker,
@@ -114,6 +116,7 @@ def test_serving_container_answers(docker: Docker, aqueduct_image: str) -> None:
         "127.0.0.1",
         "--port",
         str(port),
+        options=("-e", f"AQUEDUCT_SERVER__GRPC_PORT={grpc_port}"),
     ) as logs:
         wait_until("/v2/health/ready", lambda: http("GET", f"{base}/v2/health/ready")[0] == 200, 90, logs=logs)
         status, metadata = http("GET", f"{base}/v2/models/catdetector")
@@ -124,6 +127,11 @@ def test_serving_container_answers(docker: Docker, aqueduct_image: str) -> None:
         assert status == 200, f"{answer}\n--- logs\n{logs()}"
         (output,) = answer["outputs"]
         assert output["name"] == "is_cat" and output["datatype"] == "BOOL" and output["data"] == [True]
+        # the same over gRPC: the image has what the gRPC service needs
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            image = grpcclient.InferInput("image", [4], "FP32")
+            image.set_data_from_numpy(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32))
+            assert client.infer("catdetector", [image], client_timeout=30).as_numpy("is_cat").tolist() == [True]
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, TypeVar
 import grpc
 import pytest
 from aqueduct_service.grpc_api.http2 import (
+    CODES,
     MAX_CONTROL_FRAMES_PER_S,
     MAX_STREAMS,
     Call,
@@ -512,10 +513,6 @@ async def test_at_max_connections_a_new_connection_closes_the_oldest_idle_one(
     assert len(served.server.connections) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GrpcServer.admit counts a connection it has closed until its connection_lost runs, and closes it again",
-)
 async def test_a_burst_of_connections_at_max_connections_leaves_max_connections_open(
     serve: Serve, raw_clients: RawClients
 ) -> None:
@@ -563,3 +560,21 @@ async def test_stop_drains_calls_in_flight_and_refuses_new_connections(serve: Se
         await bounded(stopping)
     with pytest.raises(ConnectionRefusedError):
         await bounded(asyncio.open_connection("127.0.0.1", served.port))
+
+
+async def test_requests_still_arriving_hold_at_most_max_buffered_bytes(serve: Serve, raw_clients: RawClients) -> None:
+    served = await serve(Limits(max_buffered_bytes=64 * 1024))
+    raw = await raw_clients(served.port)
+    big = grpc_message(bytes(100 * 1024))
+    windows = pack(SETTINGS, 0, 0, struct.pack(">HI", 0x4, 2**31 - 1))  # echoed answers may come whole
+    raw.send(windows + pack(WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1 - 65535)))
+    # alone, a request over the budget is let in (max_message_bytes bounds it)
+    raw.send(raw.headers(1), *(pack(DATA, 0, 1, piece) for piece in split(big)), pack(DATA, END_STREAM, 1))
+    assert (await raw.answer(1))["grpc-status"] == "0"
+    # while stream 3 holds half the budget unfinished, stream 5's bytes beyond it are dropped: UNAVAILABLE
+    raw.send(raw.headers(3), pack(DATA, 0, 3, big[: 32 * 1024]))
+    raw.send(raw.headers(5), *(pack(DATA, 0, 5, piece) for piece in split(big)), pack(DATA, END_STREAM, 5))
+    assert (await raw.answer(5))["grpc-status"] == str(CODES["UNAVAILABLE"])
+    raw.send(pack(DATA, END_STREAM, 3, big[32 * 1024 :]))
+    assert (await raw.answer(3))["grpc-status"] == "0"
+    assert served.server.buffered == 0

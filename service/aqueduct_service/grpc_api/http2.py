@@ -386,9 +386,10 @@ class H2Connection(asyncio.Protocol):
             if not sid or len(payload) != 4:
                 raise _ConnectionError(PROTOCOL_ERROR, "bad RST_STREAM")
             self._count_control()
-            stream = self.streams.pop(sid, None)
+            stream = self.streams.get(sid)
             if stream is not None:
                 self._release(stream)
+                self._forget(stream)
                 if stream.call_task is not None:
                     stream.call_task.cancel()
         elif kind == GOAWAY:
@@ -573,7 +574,7 @@ class H2Connection(asyncio.Protocol):
         if headers.get(b":method") != b"POST" or not headers.get(b"content-type", b"").startswith(b"application/grpc"):
             status = b"405" if headers.get(b":method") != b"POST" else b"415"
             out.append(frame(HEADERS, END_HEADERS | END_STREAM, stream.sid, header_block([(b":status", status)])))
-            self.streams.pop(stream.sid, None)
+            self._forget(stream)
             return
         method = self.server.methods.get(path.decode("latin-1"))
         body = stream.body
@@ -597,7 +598,7 @@ class H2Connection(asyncio.Protocol):
             except ValueError as e:
                 failure = GrpcError("INTERNAL", str(e))
         if failure is not None:
-            self.streams.pop(stream.sid, None)
+            self._forget(stream)
             out.append(_status_frame(stream.sid, failure, [], with_headers=True))
             return
         assert method is not None
@@ -630,7 +631,7 @@ class H2Connection(asyncio.Protocol):
         if self._closed or self.streams.get(stream.sid) is not stream:
             return
         if failure is not None and not stream.answering:
-            self.streams.pop(stream.sid, None)
+            self._forget(stream)
             self._write(_status_frame(stream.sid, failure, call.trailers, with_headers=True))
         else:
             self._queue(stream, _status_frame(stream.sid, failure, call.trailers), is_frame=True, last=True)
@@ -665,9 +666,7 @@ class H2Connection(asyncio.Protocol):
                 out.append(chunk)
                 stream.pending.pop(0)
                 if last:
-                    self.streams.pop(stream.sid, None)
-                    if self._going_away and not self.streams:
-                        self._close_soon()
+                    self._forget(stream)
                 continue
             room = min(self._send_window, stream.send_window, self._peer_max_frame)
             if room <= 0:
@@ -686,6 +685,12 @@ class H2Connection(asyncio.Protocol):
             if stream.pending:
                 self._flush(stream, out)
 
+    def _forget(self, stream: _Stream) -> None:
+        """``stream`` is over; a connection told to go away closes once it has no stream left."""
+        self.streams.pop(stream.sid, None)
+        if self._going_away and not self.streams:
+            self._close_soon()
+
     def _release(self, stream: _Stream) -> None:
         """Stop counting ``stream``'s request in ``GrpcServer.buffered`` (and drop what it gathered)."""
         self.server.buffered -= stream.held
@@ -695,7 +700,7 @@ class H2Connection(asyncio.Protocol):
 
     def _reset(self, stream: _Stream, code: int, out: list[bytes]) -> None:
         self._release(stream)
-        self.streams.pop(stream.sid, None)
+        self._forget(stream)
         if stream.call_task is not None:
             stream.call_task.cancel()
         out.append(frame(RST_STREAM, 0, stream.sid, struct.pack(">I", code)))
@@ -730,6 +735,7 @@ class H2Connection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close the connection (its calls in flight are cancelled)."""
+        self.server.connections.pop(self, None)  # at once: a connection let in this turn counts right
         if self.transport is not None and not self._closed:
             self._flush_out()
             self.transport.close()
