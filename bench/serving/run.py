@@ -39,7 +39,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from bench.processes import free_port, group_processes  # noqa: E402
+from bench.processes import free_port, group_pids, group_processes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LUA = """
@@ -77,22 +77,29 @@ class Request:
     header_length: int | None = None
 
 
+def image() -> np.ndarray:
+    """The image every benchmark request carries: 224x224x3 uint8, the same at every call."""
+    return np.random.RandomState(0).randint(0, 255, (224, 224, 3)).astype(np.uint8)
+
+
 def requests(server: str) -> dict[str, Request]:
-    """The request of each model, as ``server`` takes it."""
-    image = np.random.RandomState(0).randint(0, 255, (224, 224, 3)).astype(np.uint8).tobytes()
+    """The request of each model, as ``server`` takes it (``triton``: with a batch dimension of 1 first)."""
+    image_bytes = image().tobytes()
     if server == "mosec":
         return {
             "noop": Request("/inference", b'{"x":[1,2,3]}', "application/json"),
-            "image": Request("/inference", image, "application/octet-stream"),
-            "resnet": Request("/inference", image, "application/octet-stream"),
+            "image": Request("/inference", image_bytes, "application/octet-stream"),
+            "resnet": Request("/inference", image_bytes, "application/octet-stream"),
         }
-    noop = {"inputs": [{"name": "x", "shape": [3], "datatype": "INT64", "data": [1, 2, 3]}]}
-    tensor = {"name": "image", "shape": [224, 224, 3], "datatype": "UINT8"}
-    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(image)}}]}).encode()
+    batch = [1] if server == "triton" else []
+    noop = {"inputs": [{"name": "x", "shape": [*batch, 3], "datatype": "INT64", "data": [1, 2, 3]}]}
+    tensor = {"name": "image", "shape": [*batch, 224, 224, 3], "datatype": "UINT8"}
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(image_bytes)}}]}).encode()
+    body = header + image_bytes
     return {
         "noop": Request("/v2/models/noop/infer", json.dumps(noop).encode(), "application/json"),
-        "image": Request("/v2/models/image/infer", header + image, "application/octet-stream", len(header)),
-        "resnet": Request("/v2/models/resnet/infer", header + image, "application/octet-stream", len(header)),
+        "image": Request("/v2/models/image/infer", body, "application/octet-stream", len(header)),
+        "resnet": Request("/v2/models/resnet/infer", body, "application/octet-stream", len(header)),
     }
 
 
@@ -162,13 +169,19 @@ def wrk(port: int, request: Request, body_file: str, lua: str, concurrency: int,
 
 @contextlib.contextmanager
 def serving(
-    name: str, argv: list[str], env: dict[str, str], port: int, request: Request, stop: int = signal.SIGTERM
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    port: int,
+    request: Request,
+    stop: int = signal.SIGTERM,
+    log: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``argv`` in a session of its own, wait (300 s at most) until ``request`` on ``port`` answers
-    200, and stop it afterwards: signal ``stop``, then SIGKILL to its process group after 30 s."""
-    proc = subprocess.Popen(
-        argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    """Start ``argv`` in a session of its own (its output to ``log``, or dropped), wait (300 s at most) until
+    ``request`` on ``port`` answers 200, and stop it afterwards: signal ``stop``, then SIGKILL to its process
+    group after 30 s, or to what is left of the group (children the server did not stop) once it has exited."""
+    with open(log or os.devnull, "wb") as out:
+        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=out, stderr=out, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while post(port, request) != 200:
@@ -183,6 +196,9 @@ def serving(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        if group_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def load(
