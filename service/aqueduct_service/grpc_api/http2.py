@@ -138,8 +138,10 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
 
 
 def header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
-    """HPACK literals without indexing: the same bytes whatever the client's table holds."""
-    out = bytearray()
+    """HPACK literals without indexing: the same bytes whatever the client's table holds. They follow a
+    table size update to 0, which a server may send first in any block: we never index, and so keep within
+    whatever table size (``SETTINGS_HEADER_TABLE_SIZE``) the client allows, 0 included."""
+    out = bytearray(b"\x20")
     for name, value in headers:
         out += b"\x00" + encode_integer(len(name), 7) + name + encode_integer(len(value), 7) + value
     return bytes(out)
