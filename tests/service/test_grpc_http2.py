@@ -578,3 +578,50 @@ async def test_requests_still_arriving_hold_at_most_max_buffered_bytes(serve: Se
     raw.send(pack(DATA, END_STREAM, 3, big[32 * 1024 :]))
     assert (await raw.answer(3))["grpc-status"] == "0"
     assert served.server.buffered == 0
+
+
+class Memory:
+    """A method's ``gather``: bytearrays standing in for shared memory, each remembered with whether freed."""
+
+    def __init__(self) -> None:
+        self.given: list[Given] = []
+
+    def __call__(self, nbytes: int) -> Given:
+        self.given.append(Given(memoryview(bytearray(nbytes))))
+        return self.given[-1]
+
+
+class Given:
+    def __init__(self, buffer: memoryview) -> None:
+        self.buffer = buffer
+        self.freed = False
+
+    def free(self) -> None:
+        self.freed = True
+
+
+async def test_a_message_arrives_in_the_memory_its_method_gives_and_that_is_freed_after_the_call(
+    serve: Serve, raw_clients: RawClients
+) -> None:
+    memory = Memory()
+    seen: list[bool] = []
+
+    async def in_memory(message: memoryview, call: Call) -> bytes:
+        assert call.gathered is memory.given[-1] and not memory.given[-1].freed
+        seen.append(message.obj is call.gathered.buffer.obj)  # a view of the given memory, not a copy
+        return bytes(message[:4])
+
+    served = await serve(methods={ECHO: Method(in_memory, gather=memory)})
+    raw = await raw_clients(served.port)
+    big = grpc_message(bytes(range(256)) * 512)
+    raw.send(raw.headers(1), *(pack(DATA, 0, 1, piece) for piece in split(big)), pack(DATA, END_STREAM, 1))
+    assert (await raw.answer(1))["grpc-status"] == "0"
+    assert seen == [True] and [len(given.buffer) for given in memory.given] == [len(big)]
+    await eventually(lambda: memory.given[0].freed)
+    # more bytes than the message's prefix said: not one message, and the memory is freed all the same
+    raw.send(raw.headers(3), pack(DATA, 0, 3, big), pack(DATA, END_STREAM, 3, b"more"))
+    assert (await raw.answer(3))["grpc-status"] == str(CODES["INTERNAL"])
+    # a stream reset halfway: its memory is freed
+    raw.send(raw.headers(5), pack(DATA, 0, 5, big[:1000]), pack(RST_STREAM, 0, 5, struct.pack(">I", CANCEL)))
+    await eventually(lambda: len(memory.given) == 3 and all(given.freed for given in memory.given))
+    assert seen == [True]

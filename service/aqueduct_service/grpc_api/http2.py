@@ -32,7 +32,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Literal, Protocol, cast
 
 from hpack import Decoder, HPACKError
 from hpack.hpack import encode_integer
@@ -90,6 +90,16 @@ class GrpcError(Exception):
         self.message = message
 
 
+class Gathered(Protocol):
+    """Memory a method has a request's message arrive in (``aqueduct.remote.Lease``: shared memory, so the
+    message's tensors reach the flow's workers without another copy). The transport frees it once the
+    call's handler has returned; whoever else holds it (the flow) keeps it until done."""
+
+    buffer: memoryview
+
+    def free(self) -> None: ...  # noqa: D102
+
+
 @dataclass
 class Call:
     """What a method's handler knows of its call and may add to its answer."""
@@ -100,6 +110,8 @@ class Call:
     timeout: float | None
     #: Trailing metadata to send with the status, as (name, value) pairs.
     trailers: list[tuple[str, str]] = field(default_factory=list)
+    #: Where the message arrived, when the method's ``gather`` gave memory for it (its bytes are views of it).
+    gathered: Gathered | None = None
     _start: float = field(default_factory=time.monotonic)
 
     def time_remaining(self) -> float | None:
@@ -117,6 +129,9 @@ class Method:
 
     handler: Unary | Streaming
     kind: Literal["unary", "stream"] = "unary"
+    #: Memory for a request's message of so many bytes (prefix included) to arrive in, or None (then
+    #: ordinary memory); asked once the message's first frame says its length.
+    gather: Callable[[int], Gathered | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +187,8 @@ class _Stream:
     __slots__ = (
         "answering",
         "body",
+        "gathered",
+        "received",
         "call_task",
         "ended",
         "headers",
@@ -190,6 +207,8 @@ class _Stream:
         self.opened = time.monotonic()
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: bytearray | memoryview = bytearray()
+        self.received = 0  # bytes of the request's message (prefix included) so far
+        self.gathered: Gathered | None = None  # where they go, when the method gave memory for them
         self.unacked = 0  # bytes received and not yet acknowledged with a WINDOW_UPDATE
         self.ended = False  # the client has sent all it will
         self.oversized = False
@@ -305,6 +324,7 @@ class H2Connection(asyncio.Protocol):
         self.server.connections.pop(self, None)
         for stream in self.streams.values():
             self._release(stream)
+            _free(stream)
             if stream.call_task is not None:
                 stream.call_task.cancel()
         self.streams.clear()
@@ -543,17 +563,23 @@ class H2Connection(asyncio.Protocol):
         payload = _unpadded(flags, payload)
         if not stream.oversized and not stream.over_budget:
             server = self.server
-            if len(stream.body) + len(payload) > self.limits.max_message_bytes + 5:
+            end = stream.received + len(payload)
+            if end > self.limits.max_message_bytes + 5:
                 stream.oversized = True
                 self._release(stream)
             elif server.buffered > stream.held and server.buffered + len(payload) > self.limits.max_buffered_bytes:
                 # (a request alone is always let in: max_message_bytes bounds it)
                 stream.over_budget = True
                 self._release(stream)
-            elif flags & END_STREAM and not stream.body:
+            elif stream.gathered is not None or (not stream.received and self._gather(stream, payload)):
+                gathered = cast(Gathered, stream.gathered)
+                if end <= len(gathered.buffer):  # (more than the prefix said: not one message, answered so)
+                    gathered.buffer[stream.received : end] = payload
+            elif flags & END_STREAM and not stream.received:
                 stream.body = payload  # the whole message in one frame: no copy
             else:
                 cast(bytearray, stream.body).extend(payload)  # a view only ever holds a whole message
+            stream.received = end
             if not stream.oversized and not stream.over_budget:
                 stream.held += len(payload)
                 server.buffered += len(payload)
@@ -579,7 +605,8 @@ class H2Connection(asyncio.Protocol):
             self._forget(stream)
             return
         method = self.server.methods.get(path.decode("latin-1"))
-        body = stream.body
+        gathered = stream.gathered
+        body = gathered.buffer[: stream.received] if gathered is not None else stream.body
         failure: GrpcError | None = None
         timeout = None
         if method is None:
@@ -590,7 +617,7 @@ class H2Connection(asyncio.Protocol):
             )
         elif stream.over_budget:
             failure = GrpcError("UNAVAILABLE", "the server is reading too many requests at once; retry")
-        elif len(body) < 5 or int.from_bytes(body[1:5]) != len(body) - 5:
+        elif len(body) < 5 or stream.received != len(body) or int.from_bytes(body[1:5]) != len(body) - 5:
             failure = GrpcError("INTERNAL", "a unary call must send exactly one message")
         elif body[0]:
             failure = GrpcError("UNIMPLEMENTED", "compressed messages are not supported (grpc-encoding: identity)")
@@ -605,12 +632,19 @@ class H2Connection(asyncio.Protocol):
             return
         assert method is not None
         metadata = {k.decode("latin-1"): v.decode("latin-1") for k, v in stream.headers if not k.startswith(b":")}
-        call = Call(metadata, timeout)
-        stream.body = bytearray()
+        call = Call(metadata, timeout, gathered=gathered)
+        stream.body, stream.gathered = bytearray(), None  # the call's now
         message = memoryview(body)[5:]
         stream.call_task = asyncio.ensure_future(self._run(stream, method, message, call))
 
     async def _run(self, stream: _Stream, method: Method, message: memoryview, call: Call) -> None:
+        try:
+            await self._answer(stream, method, message, call)
+        finally:
+            if call.gathered is not None:  # whoever else holds it (the flow) keeps it
+                call.gathered.free()
+
+    async def _answer(self, stream: _Stream, method: Method, message: memoryview, call: Call) -> None:
         failure: GrpcError | None = None
         try:
             if method.kind == "unary":
@@ -689,6 +723,7 @@ class H2Connection(asyncio.Protocol):
 
     def _forget(self, stream: _Stream) -> None:
         """``stream`` is over; a connection told to go away closes once it has no stream left."""
+        _free(stream)  # what its message arrived in, unless a call took it
         self.streams.pop(stream.sid, None)
         if self._going_away and not self.streams:
             self._close_soon()
@@ -699,6 +734,19 @@ class H2Connection(asyncio.Protocol):
         stream.held = 0
         if stream.oversized or stream.over_budget:
             stream.body = bytearray()
+            _free(stream)
+
+    def _gather(self, stream: _Stream, payload: memoryview) -> bool:
+        """Have the stream's method give memory for its message, which ``payload`` starts; whether it did."""
+        if len(payload) < 5 or payload[0]:
+            return False
+        path = dict(stream.headers).get(b":path", b"").decode("latin-1")
+        method = self.server.methods.get(path)
+        size = 5 + int.from_bytes(payload[1:5])
+        if method is None or method.gather is None or size > self.limits.max_message_bytes + 5:
+            return False
+        stream.gathered = method.gather(size)
+        return stream.gathered is not None
 
     def _reset(self, stream: _Stream, code: int, out: list[bytes]) -> None:
         self._release(stream)
@@ -789,6 +837,12 @@ def _table_state(table: HeaderTable) -> tuple[int, int, object]:
     (every insertion makes a new object)."""
     entries = table.dynamic_entries
     return table.maxsize, len(entries), entries[0] if entries else None
+
+
+def _free(stream: _Stream) -> None:
+    if stream.gathered is not None:
+        stream.gathered.free()
+        stream.gathered = None
 
 
 def _unpadded(flags: int, payload: memoryview) -> memoryview:

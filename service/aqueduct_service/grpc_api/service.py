@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf.message import DecodeError
 
@@ -95,16 +95,22 @@ class InferenceService:
             "ModelReady": (self.model_ready, _parser(pb.ModelReadyRequest)),
             "ServerMetadata": (self.server_info, _parser(pb.ServerMetadataRequest)),
             "ModelMetadata": (self.model_info, _parser(pb.ModelMetadataRequest)),
-            "ModelInfer": (self.model_infer, split_raw_contents),
         }
         methods = {f"/{SERVICE}/{name}": self._unary(name, call, parse) for name, (call, parse) in unary.items()}
+        # a large ModelInfer message arrives in shared memory: its raw contents go on to the workers from there
+        infer = self._unary("ModelInfer", self.model_infer, split_raw_contents, gather=self._lease)
+        methods[f"/{SERVICE}/ModelInfer"] = infer
         check = self._unary("Health.Check", self.health_check, _parser(pb.HealthCheckRequest))
         methods[f"/{HEALTH_SERVICE}/Check"] = check
         methods[f"/{HEALTH_SERVICE}/Watch"] = Method(self.health_watch, "stream")
         return methods
 
     def _unary(
-        self, name: str, handler: Callable[[Any, Call], Awaitable[Any]], parse: Callable[[memoryview], Any]
+        self,
+        name: str,
+        handler: Callable[[Any, Call], Awaitable[Any]],
+        parse: Callable[[memoryview], Any],
+        gather: Callable[[int], Lease | None] | None = None,
     ) -> Method:
         metrics = self.metrics
 
@@ -132,7 +138,10 @@ class InferenceService:
             finally:
                 metrics.observe(name, code, time.perf_counter() - start)
 
-        return Method(observed)
+        return Method(observed, gather=gather)
+
+    def _lease(self, nbytes: int) -> Lease | None:
+        return self.endpoint.backend.lease(nbytes) if nbytes >= LEASE_MIN_BYTES else None
 
     async def server_live(self, message: pb.ServerLiveRequest, call: Call) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -188,10 +197,13 @@ class InferenceService:
         try:
             endpoint.admit(message.model_name)
             self._model(message.model_name, message.model_version)
-            size = sum(map(len, raw))
-            lease = endpoint.backend.lease(size) if size >= LEASE_MIN_BYTES else None
             args = (message, endpoint.max_body, self.settings.inputs, endpoint.max_rows)
-            if raw:
+            if call.gathered is not None and raw:  # the message arrived in shared memory, its raw contents too
+                lease = cast(Lease, call.gathered)
+                decoded = decode_infer_request(*args, raw)
+            elif raw:
+                size = sum(map(len, raw))
+                lease = endpoint.backend.lease(size) if size >= LEASE_MIN_BYTES else None
                 decoded = decode_infer_request(*args, _copy_into(lease, raw) if lease is not None else raw)
             elif message.ByteSize() >= THREAD_DECODE_BYTES:  # typed contents become arrays in a thread
                 decoded = await asyncio.to_thread(decode_infer_request, *args)
