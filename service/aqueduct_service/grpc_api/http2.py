@@ -7,10 +7,13 @@ HTTP request does (``bench/grpc_serving.py``). What it serves:
 
 - unary calls and server-streaming calls (``Method``), by ``:path``; an unknown path is answered
   ``UNIMPLEMENTED``; the request is one uncompressed message (a compressed one: ``UNIMPLEMENTED``);
-- the client's ``grpc-timeout`` (``Call.deadline``) and its metadata (``Call.metadata``); the answer's
-  status, message and trailing metadata from ``GrpcError`` or ``Call.trailers``;
+- the client's ``grpc-timeout`` (``Call.time_remaining()``) and its metadata (``Call.metadata``); the
+  answer's status, message and trailing metadata from ``GrpcError`` or ``Call.trailers``;
+- a request's message arrives where its method's ``gather`` says (shared memory for ``ModelInfer``),
+  else in ordinary memory, and is handed over without another copy (a view);
 - flow control both ways: a stream may send ``STREAM_WINDOW`` bytes before it is acknowledged, a
-  connection ``CONNECTION_WINDOW``; answers are sent as the client's windows allow.
+  connection ``CONNECTION_WINDOW``; answers are sent as the client's windows allow, and the answers a
+  turn of the event loop makes on one connection leave in one write.
 
 Bounds (the client is not trusted): a message over ``max_message_bytes`` is answered
 ``RESOURCE_EXHAUSTED`` and its bytes are dropped; a header block over ``max_header_bytes`` closes the
