@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -625,3 +626,38 @@ async def test_a_message_arrives_in_the_memory_its_method_gives_and_that_is_free
     raw.send(raw.headers(5), pack(DATA, 0, 5, big[:1000]), pack(RST_STREAM, 0, 5, struct.pack(">I", CANCEL)))
     await eventually(lambda: len(memory.given) == 3 and all(given.freed for given in memory.given))
     assert seen == [True]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_message_is_inflated_within_max_message_bytes(
+    serve: Serve, raw_clients: RawClients, encoding: str
+) -> None:
+    served = await serve(Limits(max_message_bytes=1024 * 1024))
+    raw = await raw_clients(served.port)
+    windows = pack(SETTINGS, 0, 0, struct.pack(">HI", 0x4, 2**31 - 1))  # the echoed answer may come whole
+    raw.send(windows + pack(WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1 - 65535)))
+
+    def compressed(sid: int, data: bytes) -> bytes:
+        packer = zlib.compressobj(wbits=31 if encoding == "gzip" else 15)
+        message = packer.compress(data) + packer.flush()
+        fields = [(":method", "POST"), (":scheme", "http"), (":path", ECHO), (":authority", "test")]
+        fields += [("content-type", "application/grpc"), ("grpc-encoding", encoding)]
+        return pack(HEADERS, END_HEADERS, sid, raw.encoder.encode(fields)) + pack(
+            DATA, END_STREAM, sid, grpc_message(message, compressed=True)
+        )
+
+    text = b"the same words again and again " * 1000
+    raw.send(compressed(1, text))
+    frames = await raw.until(lambda f: f.sid == 1 and bool(f.flags & END_STREAM))
+    assert b"".join(f.payload for f in frames if f.kind == DATA and f.sid == 1)[5:] == text
+    raw.send(compressed(3, bytes(16 * 1024 * 1024)))  # inflates past max_message_bytes: stopped there
+    assert (await raw.answer(3))["grpc-status"] == str(CODES["RESOURCE_EXHAUSTED"])
+    raw.send(raw.headers(5) + pack(DATA, END_STREAM, 5, grpc_message(b"not deflated", compressed=True)))
+    assert (await raw.answer(5))["grpc-status"] == str(CODES["UNIMPLEMENTED"])  # without grpc-encoding
+
+
+async def test_grpcios_gzip_calls_are_answered(serve: Serve) -> None:
+    served = await serve()
+    message = bytes(range(256)) * 400
+    async with grpc.aio.insecure_channel(served.target, compression=grpc.Compression.Gzip) as channel:
+        assert await bounded(channel.unary_unary(ECHO)(message)) == message

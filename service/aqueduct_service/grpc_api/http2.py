@@ -6,7 +6,8 @@ millisecond of latency. Here the loop that runs HTTP reads the frames itself, so
 HTTP request does (``bench/grpc_serving.py``). What it serves:
 
 - unary calls and server-streaming calls (``Method``), by ``:path``; an unknown path is answered
-  ``UNIMPLEMENTED``; the request is one uncompressed message (a compressed one: ``UNIMPLEMENTED``);
+  ``UNIMPLEMENTED``; the request is one message, uncompressed or compressed with ``gzip`` or ``deflate``
+  (``grpc-encoding``; inflated to at most ``max_message_bytes``), answers are sent uncompressed;
 - the client's ``grpc-timeout`` (``Call.time_remaining()``) and its metadata (``Call.metadata``); the
   answer's status, message and trailing metadata from ``GrpcError`` or ``Call.trailers``;
 - a request's message arrives where its method's ``gather`` says (shared memory for ``ModelInfer``),
@@ -33,6 +34,7 @@ import asyncio
 import logging
 import struct
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast
@@ -177,7 +179,12 @@ def _percent_encoded(message: str) -> bytes:
     return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in message.encode()[:4096])
 
 
-_RESPONSE_HEADERS = header_block([(b":status", b"200"), (b"content-type", b"application/grpc")])
+#: ``grpc-encoding`` -> zlib's ``wbits`` for it.
+ENCODINGS = {b"gzip": 31, b"deflate": 15}
+#: Compressed messages at least this large are inflated in a thread (the event loop keeps answering).
+INFLATE_IN_THREAD_BYTES = 256 * 1024
+_ACCEPT_ENCODING = (b"grpc-accept-encoding", b"identity,gzip,deflate")
+_RESPONSE_HEADERS = header_block([(b":status", b"200"), (b"content-type", b"application/grpc"), _ACCEPT_ENCODING])
 
 
 class _ConnectionError(Exception):
@@ -622,8 +629,9 @@ class H2Connection(asyncio.Protocol):
             failure = GrpcError("UNAVAILABLE", "the server is reading too many requests at once; retry")
         elif len(body) < 5 or stream.received != len(body) or int.from_bytes(body[1:5]) != len(body) - 5:
             failure = GrpcError("INTERNAL", "a unary call must send exactly one message")
-        elif body[0]:
-            failure = GrpcError("UNIMPLEMENTED", "compressed messages are not supported (grpc-encoding: identity)")
+        elif body[0] and headers.get(b"grpc-encoding") not in ENCODINGS:
+            encoding = headers.get(b"grpc-encoding", b"").decode("latin-1")
+            failure = GrpcError("UNIMPLEMENTED", f"grpc-encoding {encoding!r} is not supported (gzip, deflate)")
         elif b"grpc-timeout" in headers:
             try:
                 timeout = grpc_timeout(headers[b"grpc-timeout"])
@@ -638,10 +646,17 @@ class H2Connection(asyncio.Protocol):
         call = Call(metadata, timeout, gathered=gathered)
         stream.body, stream.gathered = bytearray(), None  # the call's now
         message = memoryview(body)[5:]
-        stream.call_task = asyncio.ensure_future(self._run(stream, method, message, call))
+        wbits = ENCODINGS[headers[b"grpc-encoding"]] if body[0] else None
+        stream.call_task = asyncio.ensure_future(self._run(stream, method, message, call, wbits))
 
-    async def _run(self, stream: _Stream, method: Method, message: memoryview, call: Call) -> None:
+    async def _run(self, stream: _Stream, method: Method, message: memoryview, call: Call, wbits: int | None) -> None:
         try:
+            if wbits is not None:
+                try:
+                    message = await self._inflated(message, wbits)
+                except GrpcError as e:
+                    self._end(stream, call, e)
+                    return
             await self._answer(stream, method, message, call)
         finally:
             if call.gathered is not None:  # whoever else holds it (the flow) keeps it
@@ -667,6 +682,27 @@ class H2Connection(asyncio.Protocol):
         except Exception as e:  # the handler's own failure: answered, never a dropped stream
             log.exception("gRPC call failed")
             failure = GrpcError("INTERNAL", f"internal error: {type(e).__name__}: {e}")
+        self._end(stream, call, failure)
+
+    async def _inflated(self, message: memoryview, wbits: int) -> memoryview:
+        """A compressed message inflated, to at most ``max_message_bytes`` (a zip bomb stops there)."""
+        limit = self.limits.max_message_bytes
+
+        def inflate() -> bytes:
+            inflater = zlib.decompressobj(wbits)
+            try:
+                data = inflater.decompress(message, limit + 1)
+            except zlib.error as e:
+                raise GrpcError("INTERNAL", f"the compressed message does not inflate: {e}") from None
+            if len(data) > limit:
+                raise GrpcError("RESOURCE_EXHAUSTED", f"the request is larger than max_body_bytes ({limit})")
+            return data
+
+        data = await asyncio.to_thread(inflate) if len(message) >= INFLATE_IN_THREAD_BYTES else inflate()
+        return memoryview(data)
+
+    def _end(self, stream: _Stream, call: Call, failure: GrpcError | None) -> None:
+        """End ``stream``'s answer with its status (OK without ``failure``)."""
         if self._closed or self.streams.get(stream.sid) is not stream:
             return
         if failure is not None and not stream.answering:
@@ -861,7 +897,7 @@ def _status_frame(
 ) -> bytes:
     """The frame that ends a call: its status (OK without ``failure``) and trailing metadata;
     ``with_headers``: a trailers-only answer (nothing else was sent)."""
-    fields = [(b":status", b"200"), (b"content-type", b"application/grpc")] if with_headers else []
+    fields = [(b":status", b"200"), (b"content-type", b"application/grpc"), _ACCEPT_ENCODING] if with_headers else []
     fields.append((b"grpc-status", str(CODES[failure.code] if failure else 0).encode()))
     if failure is not None:
         fields.append((b"grpc-message", _percent_encoded(failure.message)))
