@@ -234,9 +234,13 @@ class _Stream:
 class GrpcServer:
     """The calls of ``methods`` (by path, ``/package.Service/Method``) served on one listening socket."""
 
-    def __init__(self, methods: Mapping[str, Method], limits: Limits) -> None:
+    def __init__(
+        self, methods: Mapping[str, Method], limits: Limits, refused: Callable[[str, str], None] | None = None
+    ) -> None:
         self.methods = dict(methods)
         self.limits = limits
+        #: Told (path, code) of each call answered before its handler ran (unknown method, too large...).
+        self.refused = refused
         self.connections: dict[H2Connection, None] = {}  # in the order they came
         self.buffered = 0  # bytes of requests not wholly arrived, of all connections
         self._server: asyncio.Server | None = None
@@ -640,6 +644,7 @@ class H2Connection(asyncio.Protocol):
         if failure is not None:
             self._forget(stream)
             out.append(_status_frame(stream.sid, failure, [], with_headers=True))
+            self._refused(path, failure)
             return
         assert method is not None
         metadata = {k.decode("latin-1"): v.decode("latin-1") for k, v in stream.headers if not k.startswith(b":")}
@@ -656,6 +661,7 @@ class H2Connection(asyncio.Protocol):
                     message = await self._inflated(message, wbits)
                 except GrpcError as e:
                     self._end(stream, call, e)
+                    self._refused(dict(stream.headers).get(b":path", b""), e)
                     return
             await self._answer(stream, method, message, call)
         finally:
@@ -774,6 +780,10 @@ class H2Connection(asyncio.Protocol):
         if stream.oversized or stream.over_budget:
             stream.body = bytearray()
             _free(stream)
+
+    def _refused(self, path: bytes, failure: GrpcError) -> None:
+        if self.server.refused is not None:
+            self.server.refused(path.decode("latin-1"), failure.code)
 
     def _gather(self, stream: _Stream, payload: memoryview) -> bool:
         """Have the stream's method give memory for its message, which ``payload`` starts; whether it did."""

@@ -227,7 +227,15 @@ class InferenceService:
 
 async def start_grpc(service: InferenceService, host: str, port: int, limits: Limits) -> GrpcServer:
     """Start serving ``service`` on ``host:port`` in the running event loop."""
-    server = GrpcServer(service.methods(), limits)
+    methods = service.methods()
+    names = {path: path.rsplit("/", 1)[-1] for path in methods}
+    names[f"/{HEALTH_SERVICE}/Check"] = "Health.Check"
+    names[f"/{HEALTH_SERVICE}/Watch"] = "Health.Watch"
+
+    def refused(path: str, code: str) -> None:  # an unknown path is counted as one label, not as itself
+        service.metrics.observe(names.get(path, "unknown"), code, 0.0)
+
+    server = GrpcServer(methods, limits, refused)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         await server.start(host, port)
