@@ -15,12 +15,15 @@ and its batches travel to the workers by reference, through the same crash bisec
 ``--timing-out 0.02`` makes that fraction of requests give up after 1 ms while their batch takes 20 ms:
 they are answered 504 while a worker still holds them, and the model doubles ``x`` in place, so a
 request body's shared memory handed to another request too early shows as a wrong good answer.
+``--grpc`` sends the requests over gRPC (tritonclient's asyncio client, raw contents) instead; the
+codes count as HTTP's statuses (INTERNAL 500, UNAVAILABLE 503, DEADLINE_EXCEEDED 504).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -29,12 +32,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
+import tritonclient.grpc.aio as grpcclient
 import yaml
+from tritonclient.utils import InferenceServerException
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -91,7 +97,7 @@ class Outcome:
         return self.good + self.raising + self.crashing + self.timing_out
 
 
-def config(args: argparse.Namespace) -> dict[str, object]:
+def config(args: argparse.Namespace, grpc_port: int) -> dict[str, object]:
     return {
         "version": 1,
         "name": "soak",
@@ -106,7 +112,7 @@ def config(args: argparse.Namespace) -> dict[str, object]:
         ],
         "queue_size": 4096,
         "timeout": args.timeout,
-        "server": {"log_level": "critical", "workers": args.frontends},
+        "server": {"log_level": "critical", "workers": args.frontends, "grpc_port": grpc_port},
     }
 
 
@@ -114,8 +120,8 @@ async def soak(args: argparse.Namespace, kill_every: float, label: str) -> Outco
     outcome = Outcome(label)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "soak.yaml"
-        path.write_text(yaml.safe_dump(config(args)))
-        port = free_port()
+        port, grpc_port = free_port(), free_port() if args.grpc else 0
+        path.write_text(yaml.safe_dump(config(args, grpc_port)))
         env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'service'}")
         proc = subprocess.Popen(
             [
@@ -161,8 +167,16 @@ async def soak(args: argparse.Namespace, kill_every: float, label: str) -> Outco
                 else None
             )
             started = time.perf_counter()
-            loops = (client_loop(client, queue, outcome, args.elements) for _ in range(args.concurrency))
-            await asyncio.gather(*loops)
+            grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") if args.grpc else None
+            if grpc is not None:
+                send = functools.partial(grpc_call, grpc, args.elements, args.timeout + 20)
+            else:
+                send = functools.partial(http_call, client, args.elements)
+            try:
+                await asyncio.gather(*(client_loop(send, queue, outcome) for _ in range(args.concurrency)))
+            finally:
+                if grpc is not None:
+                    await grpc.close()
             outcome.seconds = time.perf_counter() - started
             done.set()
             if killer is not None:
@@ -221,31 +235,67 @@ def answered_right(reply: httpx.Response, x: int, elements: int) -> bool:
     return y.shape == (elements,) and bool((y == 2 * x).all())
 
 
+#: A request's answer: its HTTP status (a gRPC code as its HTTP twin; 0: no answer), the error's text,
+#: and whether it is a 200 whose ``y`` is ``2 * x``.
+Answer = tuple[int, str, bool]
+#: gRPC codes as the HTTP statuses the pod gives the same errors.
+GRPC_STATUS = {"INVALID_ARGUMENT": 400, "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+
+
+async def http_call(client: httpx.AsyncClient, elements: int, x: int, parameters: dict[str, float]) -> Answer:
+    if elements == 1:
+        tensor = {"name": "x", "shape": [1], "datatype": "INT64", "data": [x]}
+        reply = await client.post("/v2/models/soak/infer", json={"inputs": [tensor], "parameters": parameters})
+    else:
+        content, headers = binary_request(x, elements, parameters)
+        reply = await client.post("/v2/models/soak/infer", content=content, headers=headers)
+    status = reply.status_code
+    return status, reply.text if status != 200 else "", status == 200 and answered_right(reply, x, elements)
+
+
+async def grpc_call(
+    client: grpcclient.InferenceServerClient, elements: int, deadline: float, x: int, parameters: dict[str, float]
+) -> Answer:
+    tensor = grpcclient.InferInput("x", [elements], "INT64")
+    tensor.set_data_from_numpy(np.full(elements, x, dtype=np.int64))
+    timeout = parameters.get("timeout")  # tritonclient sends it as the OIP timeout parameter (µs)
+    sleep = {"sleep": parameters["sleep"]} if "sleep" in parameters else None
+    try:
+        result = await client.infer(
+            "soak",
+            [tensor],
+            parameters=sleep,
+            timeout=None if timeout is None else int(timeout),
+            client_timeout=deadline,
+        )
+    except InferenceServerException as e:
+        code = str(e.status()).removeprefix("StatusCode.")
+        if code == "DEADLINE_EXCEEDED" and e.message() == "Deadline Exceeded":  # the client's own deadline
+            raise TimeoutError from None
+        return GRPC_STATUS.get(code, 0), f"{code}: {e.message()}", False
+    y = result.as_numpy("y")
+    return 200, "", y is not None and y.shape == (elements,) and bool((y == 2 * x).all())
+
+
 async def client_loop(
-    client: httpx.AsyncClient, queue: asyncio.Queue[tuple[int, str]], outcome: Outcome, elements: int
+    send: Callable[[int, dict[str, float]], Awaitable[Answer]],
+    queue: asyncio.Queue[tuple[int, str]],
+    outcome: Outcome,
 ) -> None:
     while not queue.empty():
         index, kind = queue.get_nowait()
         x = {"good": index % 1000, "timeout": index % 1000, "raise": RAISE, "crash": CRASH}[kind]
         parameters = TIMING_OUT if kind == "timeout" else {}
         try:
-            if elements == 1:
-                tensor = {"name": "x", "shape": [1], "datatype": "INT64", "data": [x]}
-                body = {"inputs": [tensor], "parameters": parameters}
-                reply = await client.post("/v2/models/soak/infer", json=body)
-            else:
-                content, headers = binary_request(x, elements, parameters)
-                reply = await client.post("/v2/models/soak/infer", content=content, headers=headers)
-        except httpx.TimeoutException:
+            status, text, right = await send(x, parameters)
+        except (httpx.TimeoutException, TimeoutError):
             outcome.timeouts += 1
             continue
         except httpx.TransportError as e:
-            status, text = 0, type(e).__name__
-        else:
-            status, text = reply.status_code, reply.text if reply.status_code != 200 else ""
+            status, text, right = 0, type(e).__name__, False
         if kind == "good":
             outcome.good += 1
-            if status == 200 and answered_right(reply, x, elements):
+            if right:
                 outcome.good_right += 1
             else:
                 key = f"{status} {text[:60]}"
@@ -317,6 +367,7 @@ def main() -> None:
         help="int64s in each request's x; above 1 it travels as a binary tensor (8,192 and more: "
         "64 KiB, read into shared memory)",
     )
+    parser.add_argument("--grpc", action="store_true", help="send the requests over gRPC (raw contents)")
     args = parser.parse_args()
     calm = asyncio.run(soak(args, 0, "without kills"))
     print(calm.report(), flush=True)
