@@ -226,7 +226,7 @@ class _Stream:
         self.held = 0  # bytes of its request counted in ``GrpcServer.buffered``
         self.send_window = send_window
         #: What waits to be sent: (bytes, whether they are a whole frame (else a message's), whether the last).
-        self.pending: list[tuple[bytes, bool, bool]] = []
+        self.pending: list[tuple[bytes | memoryview, bool, bool]] = []
         self.answering = False  # the answer's headers are sent (or queued)
         self.call_task: asyncio.Task[None] | None = None
 
@@ -725,7 +725,8 @@ class H2Connection(asyncio.Protocol):
             stream.pending.append((frame(HEADERS, END_HEADERS, stream.sid, _RESPONSE_HEADERS), True, False))
         for message in messages:
             # uncompressed: flag 0, then the length
-            stream.pending.append((len(message).to_bytes(5) + message, False, False))
+            # (a view: the DATA frames it is cut into are slices of it, not copies of the rest each)
+            stream.pending.append((memoryview(len(message).to_bytes(5) + message), False, False))
         self._queue(stream)
 
     def _queue(self, stream: _Stream, data: bytes = b"", is_frame: bool = False, last: bool = False) -> None:
@@ -744,7 +745,7 @@ class H2Connection(asyncio.Protocol):
         while stream.pending:
             chunk, is_frame, last = stream.pending[0]
             if is_frame:
-                out.append(chunk)
+                out.append(bytes(chunk))  # (frames are bytes already: no copy)
                 stream.pending.pop(0)
                 if last:
                     self._forget(stream)
