@@ -215,7 +215,7 @@ class _Stream:
     def __init__(self, sid: int, send_window: int) -> None:
         self.sid = sid
         self.opened = time.monotonic()
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: dict[bytes, bytes] = {}  # the request's (a repeated name: its last value)
         self.body: bytearray | memoryview = bytearray()
         self.received = 0  # bytes of the request's message (prefix included) so far
         self.gathered: Gathered | None = None  # where they go, when the method gave memory for them
@@ -533,7 +533,7 @@ class H2Connection(asyncio.Protocol):
             out.append(frame(RST_STREAM, 0, stream.sid, struct.pack(">I", REFUSED_STREAM)))
             return
         if not stream.headers:
-            stream.headers = headers
+            stream.headers = dict(headers)
         if self._header_end_stream:  # trailers (or a request without a message)
             stream.ended = True
             self._dispatch(stream, out)
@@ -611,7 +611,7 @@ class H2Connection(asyncio.Protocol):
     def _dispatch(self, stream: _Stream, out: list[bytes]) -> None:
         """Start the call of ``stream``, whose request has wholly arrived, or answer it at once."""
         self._release(stream)  # its bytes are the call's now (or dropped)
-        headers = dict(stream.headers)  # a repeated name: its last value
+        headers = stream.headers
         path = headers.get(b":path", b"")
         if headers.get(b":method") != b"POST" or not headers.get(b"content-type", b"").startswith(b"application/grpc"):
             status = b"405" if headers.get(b":method") != b"POST" else b"415"
@@ -647,7 +647,7 @@ class H2Connection(asyncio.Protocol):
             self._refused(path, failure)
             return
         assert method is not None
-        metadata = {k.decode("latin-1"): v.decode("latin-1") for k, v in stream.headers if not k.startswith(b":")}
+        metadata = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items() if not k.startswith(b":")}
         call = Call(metadata, timeout, gathered=gathered)
         stream.body, stream.gathered = bytearray(), None  # the call's now
         message = memoryview(body)[5:]
@@ -661,7 +661,7 @@ class H2Connection(asyncio.Protocol):
                     message = await self._inflated(message, wbits)
                 except GrpcError as e:
                     self._end(stream, call, e)
-                    self._refused(dict(stream.headers).get(b":path", b""), e)
+                    self._refused(stream.headers.get(b":path", b""), e)
                     return
             await self._answer(stream, method, message, call)
         finally:
@@ -790,7 +790,7 @@ class H2Connection(asyncio.Protocol):
         """Have the stream's method give memory for its message, which ``payload`` starts; whether it did."""
         if len(payload) < 5 or payload[0]:
             return False
-        path = dict(stream.headers).get(b":path", b"").decode("latin-1")
+        path = stream.headers.get(b":path", b"").decode("latin-1")
         method = self.server.methods.get(path)
         size = 5 + int.from_bytes(payload[1:5])
         if method is None or method.gather is None or size > self.limits.max_message_bytes + 5:
